@@ -1,0 +1,46 @@
+"""Error types raised by shmcache.
+
+Every error of ours derives from :class:`ShmCacheError` and also from the builtin
+that fits it, so callers can catch either.  Messages say what was wrong and what to
+do about it (which argument to change, which command to run).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CacheClosedError",
+    "LockTimeoutError",
+    "SegmentCorruptError",
+    "SegmentFormatError",
+    "SegmentPermissionError",
+    "SegmentSpaceError",
+    "ShmCacheError",
+]
+
+
+class ShmCacheError(Exception):
+    """Base class of every error raised by shmcache."""
+
+
+class CacheClosedError(ShmCacheError, ValueError):
+    """The cache was used after :meth:`SharedMemoryCache.close`."""
+
+
+class LockTimeoutError(ShmCacheError, TimeoutError):
+    """Another process held the segment lock for longer than ``lock_timeout``."""
+
+
+class SegmentPermissionError(ShmCacheError, PermissionError):
+    """The segment file or its directory is not private to the current user."""
+
+
+class SegmentCorruptError(ShmCacheError, ValueError):
+    """The segment's header is damaged; the message names the command that fixes it."""
+
+
+class SegmentFormatError(SegmentCorruptError):
+    """The file is not a shmcache segment of this format version."""
+
+
+class SegmentSpaceError(ShmCacheError, OSError):
+    """The segment could not be created: not enough space in its directory."""
