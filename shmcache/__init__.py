@@ -1,3 +1,39 @@
-"""shmcache: a LangChain LLM cache shared by every process on the host."""
+"""shmcache: a LangChain LLM cache in shared memory, shared by every process on the host.
+
+Example:
+    >>> from langchain_core.globals import set_llm_cache
+    >>> from shmcache import SharedMemoryCache
+    >>> set_llm_cache(SharedMemoryCache("myapp"))  # doctest: +SKIP
+"""
 
 from __future__ import annotations
+
+from ._errors import (
+    CacheClosedError,
+    LockTimeoutError,
+    SegmentCorruptError,
+    SegmentFormatError,
+    SegmentPermissionError,
+    SegmentSpaceError,
+    ShmCacheError,
+)
+from ._stats import CacheStats
+from .cache import DEFAULT_LOCK_TIMEOUT_S, DEFAULT_SIZE_BYTES, MIN_SIZE_BYTES, SharedMemoryCache
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_LOCK_TIMEOUT_S",
+    "DEFAULT_SIZE_BYTES",
+    "MIN_SIZE_BYTES",
+    "CacheClosedError",
+    "CacheStats",
+    "LockTimeoutError",
+    "SegmentCorruptError",
+    "SegmentFormatError",
+    "SegmentPermissionError",
+    "SegmentSpaceError",
+    "ShmCacheError",
+    "SharedMemoryCache",
+    "__version__",
+]

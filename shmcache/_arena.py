@@ -1,0 +1,572 @@
+"""The arena: one mapped segment holding a hash index and a circular record log.
+
+Layout (all integers little-endian)::
+
+    [header 4 KiB][index: n_buckets x 256 B][log: circular, log_size bytes]
+
+* The **header** holds the immutable geometry (covered by a crc32, so damage is
+  detected at open) followed by shared 64-bit words: log head and tail, the pid of
+  a writer in progress, and the statistics counters.
+* The **index** is set-associative: a key's digest picks a bucket of
+  ``SLOTS_PER_BUCKET`` slots; each slot holds a 64-bit tag, the record's log
+  position, its length and a hash of its llm_string (for ``clear(llm_string=)``).
+  Each bucket has a version word, odd while a writer changes it (a seqlock).
+* The **log** holds records back to back at monotonically growing positions
+  (``offset = position % log_size``).  Each record carries its own position, the
+  full 256-bit key digest and a crc32 of itself.  New records go at the head; when
+  the log is full the oldest records are evicted from the tail (FIFO): no
+  fragmentation, no free lists.
+
+Concurrency (see ``_lock.py`` for the writer lock):
+
+* Writers hold the exclusive lock.  Before overwriting any log bytes a writer moves
+  the tail past them; it writes a record completely before moving the head over it,
+  and points an index slot at a record only after that.
+* Readers take no lock.  They read a slot under its bucket's seqlock, copy the
+  record, then check that the tail has not passed it (so the bytes were not being
+  overwritten) and that its magic, position, digest and crc match.  Anything else
+  is a miss, so no reader can accept a torn, foreign or half-written record.  A
+  reader that keeps meeting an odd version falls back to the lock.
+* A writer killed mid-write leaves its pid in the header's busy word.  The next
+  lock holder repairs what it may have left half-done (odd bucket versions, slots
+  pointing behind the tail, counters) before doing anything else.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import struct
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Final
+
+from ._errors import SegmentCorruptError, SegmentFormatError
+from ._keys import split_digest
+
+__all__ = ["FORMAT_VERSION", "HEADER_BYTES", "MIN_SIZE_BYTES", "Arena", "Geometry"]
+
+logger = logging.getLogger("shmcache")
+
+FORMAT_VERSION: Final = 1
+MAGIC: Final = b"SHMCACHE"
+HEADER_BYTES: Final = 4096
+MIN_SIZE_BYTES: Final = 1 << 20
+
+# Geometry: magic, version, header bytes, size, buckets, slots/bucket, bucket bytes,
+# index offset, log offset, log size, creation time; then a crc32 of those bytes.
+_GEOMETRY: Final = struct.Struct("<8sIIQQIIQQQQ")
+_GEOMETRY_CRC: Final = struct.Struct("<I")
+
+# Shared 64-bit words in the header, by index into the segment viewed as u64s.
+_W_HEAD: Final = 32
+_W_TAIL: Final = 33
+_W_BUSY: Final = 34  # pid of the writer in progress, 0 when none
+W_HITS: Final = 35
+W_MISSES: Final = 36
+W_UPDATES: Final = 37
+W_EVICTIONS: Final = 38
+W_SKIPPED: Final = 39
+W_ENTRIES: Final = 40
+W_USED: Final = 41
+
+SLOTS_PER_BUCKET: Final = 8
+BUCKET_BYTES: Final = 256
+_BUCKET_WORDS: Final = BUCKET_BYTES // 8
+# Within a bucket, in u64 words: version, tags[8], positions[8], llm hashes[8];
+# then record lengths as u32[8] at byte 200.
+_TAGS_AT: Final = 1
+_POS_AT: Final = 9
+_LLM_AT: Final = 17
+_LENS_AT_BYTE: Final = 200
+_EIGHT_U64: Final = struct.Struct(f"<{SLOTS_PER_BUCKET}Q")
+_EIGHT_U32: Final = struct.Struct(f"<{SLOTS_PER_BUCKET}I")
+# Index space is sized for entries averaging this many log bytes.
+_LOG_BYTES_PER_SLOT: Final = 512
+
+# Record: magic, crc32 (of everything after it), position, record length, value
+# length, expiry (unix seconds, 0 = never), llm_string hash, key digest.
+_RECORD: Final = struct.Struct("<IIQIIdQ32s")
+RECORD_HEADER_BYTES: Final = _RECORD.size
+_RECORD_MAGIC: Final = 0x31434552  # b"REC1"
+_PAD_MAGIC: Final = 0x31444150  # b"PAD1": the rest of the lap is unused
+_U32: Final = struct.Struct("<I")
+_ALIGN: Final = 8
+# A reader retries the lock-free path this often before falling back to the lock.
+_SEQLOCK_TRIES: Final = 16
+
+
+class Contended:
+    """Returned by :meth:`Arena.find` when a bucket kept changing under the reader."""
+
+
+CONTENDED: Final = Contended()
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The immutable shape of a segment."""
+
+    size_bytes: int
+    n_buckets: int
+    index_offset: int
+    log_offset: int
+    log_size: int
+    created_ns: int
+
+    @classmethod
+    def for_size(cls, size_bytes: int) -> Geometry:
+        """Split ``size_bytes`` into header, index and log."""
+        n_buckets = max(1, (size_bytes - HEADER_BYTES) // (_LOG_BYTES_PER_SLOT * SLOTS_PER_BUCKET))
+        log_offset = HEADER_BYTES + n_buckets * BUCKET_BYTES
+        log_size = (size_bytes - log_offset) // _ALIGN * _ALIGN
+        return cls(size_bytes, n_buckets, HEADER_BYTES, log_offset, log_size, time.time_ns())
+
+    @property
+    def max_record_bytes(self) -> int:
+        """The largest record (header included) one entry may take."""
+        return self.log_size // 2
+
+
+def _align(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def initialise(mapping: mmap.mmap, geometry: Geometry) -> None:
+    """Write the header of a new, zero-filled segment."""
+    packed = _GEOMETRY.pack(
+        MAGIC, FORMAT_VERSION, HEADER_BYTES, geometry.size_bytes, geometry.n_buckets,
+        SLOTS_PER_BUCKET, BUCKET_BYTES, geometry.index_offset, geometry.log_offset,
+        geometry.log_size, geometry.created_ns,
+    )
+    mapping[: len(packed)] = packed
+    _GEOMETRY_CRC.pack_into(mapping, len(packed), zlib.crc32(packed))
+    words = memoryview(mapping).cast("Q")
+    try:
+        # Positions start at one full lap, so position 0 never names a record.
+        words[_W_HEAD] = geometry.log_size
+        words[_W_TAIL] = geometry.log_size
+    finally:
+        words.release()
+
+
+def read_geometry(mapping: mmap.mmap, path: str, fix_hint: str) -> Geometry:
+    """Parse and verify a segment's header.
+
+    Raises:
+        SegmentFormatError: not a shmcache segment of this format version.
+        SegmentCorruptError: the header is damaged.
+    """
+    (magic, version, header_bytes, size_bytes, n_buckets, slots, bucket_bytes,
+     index_offset, log_offset, log_size, created_ns) = _GEOMETRY.unpack_from(mapping)
+    if magic != MAGIC or version != FORMAT_VERSION:
+        raise SegmentFormatError(
+            f"{path} is not a shmcache segment of format {FORMAT_VERSION}; {fix_hint}"
+        )
+    (crc,) = _GEOMETRY_CRC.unpack_from(mapping, _GEOMETRY.size)
+    expected = Geometry(size_bytes, n_buckets, index_offset, log_offset, log_size, created_ns)
+    sane = (
+        crc == zlib.crc32(mapping[: _GEOMETRY.size])
+        and header_bytes == HEADER_BYTES
+        and slots == SLOTS_PER_BUCKET
+        and bucket_bytes == BUCKET_BYTES
+        and size_bytes == len(mapping)
+        and index_offset == HEADER_BYTES
+        and log_offset == HEADER_BYTES + n_buckets * BUCKET_BYTES
+        and log_size > 0
+        and log_size % _ALIGN == 0
+        and log_offset + log_size <= size_bytes
+    )
+    if not sane:
+        raise SegmentCorruptError(f"the header of segment {path} is damaged; {fix_hint}")
+    return expected
+
+
+class Arena:
+    """Index and log operations on a mapped segment.
+
+    Methods marked *locked* must be called with the segment's writer lock held;
+    the others are lock-free and safe against concurrent writers.
+    """
+
+    def __init__(self, mapping: mmap.mmap, geometry: Geometry) -> None:
+        self.geometry = geometry
+        self._mm = mapping
+        self._words = memoryview(mapping).cast("Q")
+        self._halves = memoryview(mapping).cast("I")
+        self._n_buckets = geometry.n_buckets
+        self._index_word = geometry.index_offset // 8
+        self._log_offset = geometry.log_offset
+        self._log_size = geometry.log_size
+        self.max_record_bytes = geometry.max_record_bytes
+
+    def release(self) -> None:
+        """Drop the views on the mapping so it can be closed."""
+        self._words.release()
+        self._halves.release()
+
+    # -- shared words ---------------------------------------------------------
+
+    def counter(self, word: int) -> int:
+        """Read one shared counter."""
+        return int(self._words[word])
+
+    def add_counter(self, word: int, delta: int) -> None:
+        """*Locked.* Add ``delta`` (may be negative) to a shared counter."""
+        self._words[word] = max(0, self._words[word] + delta)
+
+    # -- lock-free reads ------------------------------------------------------
+
+    def _bucket_word(self, seed: int) -> int:
+        return self._index_word + (seed % self._n_buckets) * _BUCKET_WORDS
+
+    def find(self, digest: bytes, now: float) -> memoryview | None | Contended:
+        """Look up ``digest`` without the lock.
+
+        Returns:
+            The stored value bytes, None for a miss (absent, expired, overwritten,
+            damaged), or ``CONTENDED`` when the caller should retry under the lock.
+        """
+        tag, seed = split_digest(digest)
+        bucket = self._bucket_word(seed)
+        words = self._words
+        for _ in range(_SEQLOCK_TRIES):
+            version = words[bucket]
+            tags = _EIGHT_U64.unpack_from(self._mm, (bucket + _TAGS_AT) * 8)
+            if tag not in tags:
+                return None  # absence needs no consistency check
+            if version & 1:
+                continue
+            i = tags.index(tag)
+            position = words[bucket + _POS_AT + i]
+            length = self._halves[(bucket * 8 + _LENS_AT_BYTE) // 4 + i]
+            if words[bucket] == version:
+                return self._read_record(position, length, digest, now)
+        return CONTENDED
+
+    def find_locked(self, digest: bytes, now: float) -> memoryview | None:
+        """*Locked.* Look up ``digest`` with no writer running."""
+        tag, seed = split_digest(digest)
+        bucket = self._bucket_word(seed)
+        tags = _EIGHT_U64.unpack_from(self._mm, (bucket + _TAGS_AT) * 8)
+        if tag not in tags:
+            return None
+        i = tags.index(tag)
+        position = self._words[bucket + _POS_AT + i]
+        length = self._halves[(bucket * 8 + _LENS_AT_BYTE) // 4 + i]
+        return self._read_record(position, length, digest, now)
+
+    def _read_record(
+        self, position: int, length: int, digest: bytes, now: float
+    ) -> memoryview | None:
+        words = self._words
+        offset = position % self._log_size
+        if (
+            position < words[_W_TAIL]
+            or position + length > words[_W_HEAD]
+            or length < RECORD_HEADER_BYTES
+            or offset + length > self._log_size
+        ):
+            return None
+        start = self._log_offset + offset
+        record = self._mm[start : start + length]
+        if position < words[_W_TAIL]:
+            return None  # a writer reclaimed these bytes while we copied them
+        magic, crc, stored_position, stored_length, value_length, expires, _, stored_digest = (
+            _RECORD.unpack_from(record)
+        )
+        if (
+            magic != _RECORD_MAGIC
+            or stored_position != position
+            or stored_length != length
+            or stored_digest != digest
+            or RECORD_HEADER_BYTES + value_length > length
+        ):
+            return None
+        view = memoryview(record)
+        end = RECORD_HEADER_BYTES + value_length
+        if zlib.crc32(view[8:end]) != crc:
+            return None
+        if expires and expires <= now:
+            return None
+        return view[RECORD_HEADER_BYTES:end]
+
+    # -- locked writes --------------------------------------------------------
+
+    def record_bytes(self, value_length: int) -> int:
+        """Log bytes taken by a value of ``value_length`` bytes."""
+        return _align(RECORD_HEADER_BYTES + value_length)
+
+    def begin(self) -> None:
+        """*Locked.* Repair what a dead writer left, then mark a write in progress."""
+        self.repair()
+        self._words[_W_BUSY] = os.getpid()
+
+    def repair(self) -> None:
+        """*Locked.* Repair what a writer that died holding the lock left half-done."""
+        if self._words[_W_BUSY]:
+            self._recover()
+
+    def end(self) -> None:
+        """*Locked.* Mark the write finished."""
+        self._words[_W_BUSY] = 0
+
+    def store(self, digest: bytes, llm_hash: int, value: bytes, expires: float) -> None:
+        """*Locked*, between :meth:`begin` and :meth:`end`. Append a record and index it.
+
+        The caller has checked ``record_bytes(len(value)) <= max_record_bytes``.
+        """
+        words = self._words
+        length = self.record_bytes(len(value))
+        position = words[_W_HEAD]
+        offset = position % self._log_size
+        if offset + length > self._log_size:
+            # Not enough room before the end of the lap: mark the rest unused.
+            self._make_room(position + (self._log_size - offset) + length)
+            _U32.pack_into(self._mm, self._log_offset + offset, _PAD_MAGIC)
+            position += self._log_size - offset
+            offset = 0
+        else:
+            self._make_room(position + length)
+        body = _RECORD.pack(
+            _RECORD_MAGIC, 0, position, length, len(value), expires, llm_hash, digest
+        )
+        crc = zlib.crc32(value, zlib.crc32(memoryview(body)[8:]))
+        start = self._log_offset + offset
+        self._mm[start : start + RECORD_HEADER_BYTES] = body
+        _U32.pack_into(self._mm, start + 4, crc)
+        self._mm[start + RECORD_HEADER_BYTES : start + RECORD_HEADER_BYTES + len(value)] = value
+        words[_W_HEAD] = position + length  # publish: the record is complete
+        self._index(digest, llm_hash, position, length)
+        words[W_UPDATES] += 1
+
+    def _make_room(self, end_position: int) -> None:
+        """Evict from the tail until the log can hold bytes up to ``end_position``."""
+        words = self._words
+        limit = end_position - self._log_size
+        tail = words[_W_TAIL]
+        head = words[_W_HEAD]
+        while tail < limit:
+            if tail >= head:
+                tail = limit
+                break
+            offset = tail % self._log_size
+            lap_end = tail + (self._log_size - offset)
+            start = self._log_offset + offset
+            (magic,) = _U32.unpack_from(self._mm, start)
+            if magic == _PAD_MAGIC or self._log_size - offset < RECORD_HEADER_BYTES:
+                tail = lap_end
+            elif magic == _RECORD_MAGIC:
+                _, _, position, length, _, _, _, digest = _RECORD.unpack_from(self._mm, start)
+                if position != tail or length < RECORD_HEADER_BYTES or tail + length > lap_end:
+                    logger.warning("damaged record at log position %d: skipping its lap", tail)
+                    tail = lap_end
+                else:
+                    self._unindex(digest, position)
+                    tail += length
+            else:
+                logger.warning("damaged record at log position %d: skipping its lap", tail)
+                tail = lap_end
+            # The tail moves before any byte behind it is overwritten (readers check it).
+            words[_W_TAIL] = min(tail, head)
+        if words[_W_TAIL] < limit:
+            words[_W_TAIL] = limit
+
+    def _unindex(self, digest: bytes, position: int) -> None:
+        """Drop the slot that points at the evicted record at ``position``, if any."""
+        _, seed = split_digest(digest)
+        bucket = self._bucket_word(seed)
+        positions = _EIGHT_U64.unpack_from(self._mm, (bucket + _POS_AT) * 8)
+        if position in positions:
+            self._clear_slot(bucket, positions.index(position))
+            self._words[W_EVICTIONS] += 1
+
+    def _clear_slot(self, bucket: int, i: int) -> None:
+        words = self._words
+        lens_at = (bucket * 8 + _LENS_AT_BYTE) // 4
+        version = words[bucket] | 1
+        words[bucket] = version
+        if words[bucket + _TAGS_AT + i]:
+            self.add_counter(W_ENTRIES, -1)
+            self.add_counter(W_USED, -self._halves[lens_at + i])
+        words[bucket + _TAGS_AT + i] = 0
+        words[bucket + _POS_AT + i] = 0
+        words[bucket + _LLM_AT + i] = 0
+        self._halves[lens_at + i] = 0
+        words[bucket] = version + 1
+
+    def _index(self, digest: bytes, llm_hash: int, position: int, length: int) -> None:
+        words = self._words
+        tag, seed = split_digest(digest)
+        bucket = self._bucket_word(seed)
+        lens_at = (bucket * 8 + _LENS_AT_BYTE) // 4
+        tags = _EIGHT_U64.unpack_from(self._mm, (bucket + _TAGS_AT) * 8)
+        if tag in tags:
+            i = tags.index(tag)  # replacing: the old record becomes dead space
+            self.add_counter(W_USED, -self._halves[lens_at + i])
+            self.add_counter(W_ENTRIES, -1)
+        elif 0 in tags:
+            i = tags.index(0)
+        else:
+            # A full bucket drops its own oldest entry.
+            positions = _EIGHT_U64.unpack_from(self._mm, (bucket + _POS_AT) * 8)
+            i = positions.index(min(positions))
+            self._clear_slot(bucket, i)
+            words[W_EVICTIONS] += 1
+        version = words[bucket] | 1
+        words[bucket] = version
+        words[bucket + _POS_AT + i] = position
+        words[bucket + _LLM_AT + i] = llm_hash
+        self._halves[lens_at + i] = length
+        words[bucket + _TAGS_AT + i] = tag
+        words[bucket] = version + 1
+        words[W_ENTRIES] += 1
+        words[W_USED] += length
+
+    def clear(self) -> None:
+        """*Locked*, between :meth:`begin` and :meth:`end`. Remove every entry."""
+        words = self._words
+        # Moving the tail to the head invalidates every record for readers at once;
+        # the index is then wiped at leisure.
+        words[_W_TAIL] = words[_W_HEAD]
+        start = self.geometry.index_offset
+        self._mm[start : self.geometry.log_offset] = bytes(self.geometry.log_offset - start)
+        words[W_ENTRIES] = 0
+        words[W_USED] = 0
+
+    def clear_llm_string(self, llm_hash: int) -> int:
+        """*Locked*, between :meth:`begin` and :meth:`end`. Remove entries of one llm_string.
+
+        Returns:
+            How many entries were removed.
+        """
+        removed = 0
+        for b in range(self._n_buckets):
+            bucket = self._index_word + b * _BUCKET_WORDS
+            hashes = _EIGHT_U64.unpack_from(self._mm, (bucket + _LLM_AT) * 8)
+            if llm_hash not in hashes:
+                continue
+            tags = _EIGHT_U64.unpack_from(self._mm, (bucket + _TAGS_AT) * 8)
+            for i in range(SLOTS_PER_BUCKET):
+                if hashes[i] == llm_hash and tags[i]:
+                    self._clear_slot(bucket, i)
+                    removed += 1
+        return removed
+
+    # -- recovery and verification -------------------------------------------
+
+    def _slot_problem(self, bucket: int, i: int, tail: int, head: int) -> str | None:
+        """Why slot ``i`` of ``bucket`` does not point at a valid record, or None."""
+        words = self._words
+        position = words[bucket + _POS_AT + i]
+        length = self._halves[(bucket * 8 + _LENS_AT_BYTE) // 4 + i]
+        if not tail <= position < head:
+            return f"points at log position {position}, outside [{tail}, {head})"
+        offset = position % self._log_size
+        if length < RECORD_HEADER_BYTES or offset + length > self._log_size:
+            return f"has impossible length {length}"
+        start = self._log_offset + offset
+        record = self._mm[start : start + length]
+        magic, crc, stored_position, stored_length, value_length, _, llm, digest = (
+            _RECORD.unpack_from(record)
+        )
+        tag, seed = split_digest(digest)
+        if magic != _RECORD_MAGIC or stored_position != position or stored_length != length:
+            return f"points at log position {position}, which holds no such record"
+        if RECORD_HEADER_BYTES + value_length > length or zlib.crc32(
+            memoryview(record)[8 : RECORD_HEADER_BYTES + value_length]
+        ) != crc:
+            return f"points at a damaged record (crc mismatch) at log position {position}"
+        if tag != words[bucket + _TAGS_AT + i] or self._bucket_word(seed) != bucket:
+            return f"does not match the key of its record at log position {position}"
+        if llm != words[bucket + _LLM_AT + i]:
+            return f"has a wrong llm_string hash for its record at log position {position}"
+        return None
+
+    def _recover(self) -> None:
+        """*Locked.* Undo the half-done work of a writer that died holding the lock."""
+        words = self._words
+        logger.warning(
+            "a writer (pid %d) died mid-write; repairing the segment index", words[_W_BUSY]
+        )
+        tail, head = words[_W_TAIL], words[_W_HEAD]
+        if not words[_W_HEAD] - self._log_size <= tail <= head:
+            words[_W_TAIL] = tail = head
+        entries = used = 0
+        for b in range(self._n_buckets):
+            bucket = self._index_word + b * _BUCKET_WORDS
+            suspect = bool(words[bucket] & 1)
+            for i in range(SLOTS_PER_BUCKET):
+                if not words[bucket + _TAGS_AT + i]:
+                    continue
+                position = words[bucket + _POS_AT + i]
+                bad = not tail <= position < head
+                if not bad and suspect:
+                    bad = self._slot_problem(bucket, i, tail, head) is not None
+                if bad:
+                    self._clear_slot(bucket, i)
+                else:
+                    entries += 1
+                    used += self._halves[(bucket * 8 + _LENS_AT_BYTE) // 4 + i]
+            if words[bucket] & 1:
+                words[bucket] += 1
+        words[W_ENTRIES] = entries
+        words[W_USED] = used
+        words[_W_BUSY] = 0
+
+    def verify(self) -> list[str]:
+        """*Locked.* Check the whole segment; return the problems found (none: [])."""
+        self.repair()  # what a dead writer left half-done is not damage
+        words = self._words
+        problems: list[str] = []
+        tail, head = words[_W_TAIL], words[_W_HEAD]
+        if not (head - self._log_size <= tail <= head and tail >= self._log_size):
+            return [f"log tail {tail} and head {head} are inconsistent"]
+        problems.extend(self._verify_log(tail, head))
+        entries = used = 0
+        for b in range(self._n_buckets):
+            bucket = self._index_word + b * _BUCKET_WORDS
+            if words[bucket] & 1:
+                problems.append(f"bucket {b} is marked as being written")
+            for i in range(SLOTS_PER_BUCKET):
+                if not words[bucket + _TAGS_AT + i]:
+                    continue
+                problem = self._slot_problem(bucket, i, tail, head)
+                if problem:
+                    problems.append(f"index bucket {b} slot {i} {problem}")
+                entries += 1
+                used += self._halves[(bucket * 8 + _LENS_AT_BYTE) // 4 + i]
+        if entries != words[W_ENTRIES] or used != words[W_USED]:
+            problems.append(
+                f"counters say {words[W_ENTRIES]} entries / {words[W_USED]} bytes, "
+                f"the index holds {entries} / {used}"
+            )
+        return problems
+
+    def _verify_log(self, tail: int, head: int) -> list[str]:
+        problems: list[str] = []
+        position = tail
+        while position < head:
+            offset = position % self._log_size
+            lap_end = position + (self._log_size - offset)
+            start = self._log_offset + offset
+            (magic,) = _U32.unpack_from(self._mm, start)
+            if magic == _PAD_MAGIC:
+                position = lap_end
+                continue
+            fields = _RECORD.unpack_from(self._mm, start) if lap_end - position >= (
+                RECORD_HEADER_BYTES) else None
+            if fields is None or magic != _RECORD_MAGIC or fields[2] != position or not (
+                RECORD_HEADER_BYTES + fields[4] <= fields[3] <= lap_end - position
+            ):
+                problems.append(f"log position {position} holds no valid record")
+                position = lap_end
+                continue
+            length, value_length = fields[3], fields[4]
+            body = self._mm[start + 8 : start + RECORD_HEADER_BYTES + value_length]
+            if zlib.crc32(body) != fields[1]:
+                problems.append(f"record at log position {position} fails its crc")
+            position += length
+        return problems

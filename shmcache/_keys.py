@@ -1,0 +1,48 @@
+"""Shared, process-independent keys for cache entries.
+
+Python's ``hash()`` is salted per process, so every key that other processes must
+agree on is derived from SHA-256 here instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from typing import Final
+
+__all__ = ["DIGEST_BYTES", "key_digest", "llm_string_hash", "split_digest"]
+
+DIGEST_BYTES: Final = 32
+_TWO_U64: Final = struct.Struct("<QQ")
+
+
+def _utf8(text: str) -> bytes:
+    # "surrogatepass" makes every str encodable (lone surrogates included) while
+    # staying injective, so two different strings never share bytes.
+    return text.encode("utf-8", "surrogatepass")
+
+
+def key_digest(prompt: str, llm_string: str) -> bytes:
+    """Return the 256-bit digest that identifies the entry ``(prompt, llm_string)``.
+
+    The prompt's byte length is framed in front, so ``("ab", "c")`` and
+    ``("a", "bc")`` never collide.
+    """
+    prompt_bytes = _utf8(prompt)
+    return hashlib.sha256(
+        len(prompt_bytes).to_bytes(8, "little") + prompt_bytes + _utf8(llm_string)
+    ).digest()
+
+
+def llm_string_hash(llm_string: str) -> int:
+    """Return a 64-bit hash of ``llm_string``, used by ``clear(llm_string=...)``."""
+    return int.from_bytes(hashlib.sha256(b"llm\x00" + _utf8(llm_string)).digest()[:8], "little")
+
+
+def split_digest(digest: bytes) -> tuple[int, int]:
+    """Split a key digest into ``(tag, bucket_seed)``.
+
+    The tag is never 0, because 0 marks an empty index slot.
+    """
+    tag, seed = _TWO_U64.unpack_from(digest)
+    return tag | 1, seed

@@ -1,0 +1,305 @@
+"""Segment files: where they live, how they are created, and who may open them.
+
+A segment is one regular file, private to its owner (0600 in a 0700 directory),
+mapped shared by every process that opens it.  It is created complete and aside
+(a temp file sized with ``posix_fallocate`` and initialised), then linked into
+place with ``os.link``, which fails if the name exists: a process killed while
+creating leaves at most a temp file, never a half-made segment under the real name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import mmap
+import os
+import re
+import stat
+import tempfile
+from collections.abc import Callable
+from typing import Final
+
+import filelock
+
+from ._errors import (
+    SegmentCorruptError,
+    SegmentPermissionError,
+    SegmentSpaceError,
+    ShmCacheError,
+)
+
+__all__ = [
+    "SEGMENT_SUFFIX",
+    "MappedFile",
+    "check_name",
+    "default_directory",
+    "open_existing",
+    "open_or_create",
+    "resolve_directory",
+    "segment_path",
+]
+
+logger = logging.getLogger("shmcache")
+
+SEGMENT_SUFFIX: Final = ".shm"
+_NAME_RE: Final = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+_OPEN_FLAGS: Final = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+_PRIVATE_FILE_MODE: Final = 0o600
+_PRIVATE_DIR_MODE: Final = 0o700
+# Creating a segment is rare: filelock's ~200 µs does not matter there, and it keeps
+# a herd of workers starting at once from each building a full-size temp file.
+_CREATE_LOCK_TIMEOUT_S: Final = 30.0
+
+
+class MappedFile:
+    """An open segment file and its shared mapping."""
+
+    def __init__(self, path: str, fd: int, mapping: mmap.mmap, created: bool) -> None:
+        self.path = path
+        self.fd = fd
+        self.mapping = mapping
+        self.created = created
+
+    def close(self) -> None:
+        """Unmap and close the file."""
+        self.mapping.close()
+        os.close(self.fd)
+
+
+def check_name(name: object) -> str:
+    """Validate a cache name and return it.
+
+    Raises:
+        TypeError: ``name`` is not a ``str``.
+        ValueError: ``name`` is not 1-64 characters of ``[A-Za-z0-9._-]`` or starts
+            with ``.``.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, not {type(name).__name__}")
+    if not _NAME_RE.fullmatch(name):
+        raise ValueError(
+            f"invalid cache name {name!r}: use 1-64 characters of [A-Za-z0-9._-], "
+            "not starting with '.'"
+        )
+    return name
+
+
+def default_directory() -> str:
+    """Return the per-user default directory (``/dev/shm/shmcache-<uid>``)."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    return os.path.join(base, f"shmcache-{os.geteuid()}")
+
+
+def resolve_directory(directory: str | os.PathLike[str] | None, *, create: bool) -> str:
+    """Return the segment directory, creating it 0700 when ``create`` is true.
+
+    The default directory is shared ground (``/dev/shm`` is world-writable), so it
+    must be a real directory owned by this user and closed to everyone else.
+
+    Raises:
+        SegmentPermissionError: the default directory is not private to this user.
+    """
+    if directory is None:
+        path = default_directory()
+        must_be_private = True
+    else:
+        path = os.fspath(directory)
+        if not isinstance(path, str):
+            raise TypeError("directory must be a str or os.PathLike[str]")
+        must_be_private = False
+    if create:
+        with contextlib.suppress(FileExistsError):
+            os.makedirs(path, mode=_PRIVATE_DIR_MODE)
+    if must_be_private and os.path.lexists(path):
+        info = os.lstat(path)
+        if (
+            not stat.S_ISDIR(info.st_mode)
+            or info.st_uid != os.geteuid()
+            or info.st_mode & 0o077
+        ):
+            raise SegmentPermissionError(
+                f"{path} must be a directory owned by uid {os.geteuid()} with mode 0700; "
+                "remove it or pass directory= to use another place"
+            )
+    return path
+
+
+def segment_path(directory: str, name: str, format_version: int) -> str:
+    """Return the segment file path; the format version is part of the name."""
+    return os.path.join(directory, f"{name}.v{format_version}{SEGMENT_SUFFIX}")
+
+
+def _check_private(path: str, fd: int) -> int:
+    """Refuse a segment that is not a regular 0600 file of ours; return its size."""
+    info = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(info.st_mode):
+        problem = "is not a regular file"
+    elif info.st_uid != os.geteuid():
+        problem = f"is owned by uid {info.st_uid}, not by this user (uid {os.geteuid()})"
+    elif info.st_mode & 0o077:
+        problem = f"has mode {stat.S_IMODE(info.st_mode):04o}; segments must be 0600"
+    if problem:
+        raise SegmentPermissionError(
+            f"refusing segment {path}: it {problem}. Remove it (shmcache rm) or use "
+            "another name or directory"
+        )
+    return info.st_size
+
+
+def _open_file(path: str) -> int:
+    try:
+        return os.open(path, _OPEN_FLAGS)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SegmentPermissionError(
+                f"refusing segment {path}: it is a symbolic link. Remove it or use "
+                "another name or directory"
+            ) from exc
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise SegmentPermissionError(
+                f"cannot open segment {path}: {exc.strerror}. It belongs to someone "
+                "else: use another name or directory"
+            ) from exc
+        raise
+
+
+def _map(path: str, fd: int, created: bool, min_size: int) -> MappedFile:
+    try:
+        size = _check_private(path, fd)
+        if size < min_size:
+            raise SegmentCorruptError(
+                f"segment {path} is {size} bytes, too short to be a cache; "
+                f"remove it with: shmcache rm {_name_of(path)} --directory "
+                f"{os.path.dirname(path)}"
+            )
+        mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return MappedFile(path, fd, mapping, created)
+
+
+def _name_of(path: str) -> str:
+    base = os.path.basename(path)
+    return base.split(".v")[0] if ".v" in base else base
+
+
+def open_existing(path: str, min_size: int) -> MappedFile:
+    """Open and map an existing segment.
+
+    Raises:
+        FileNotFoundError: there is no segment at ``path``.
+        SegmentPermissionError: the file is a symlink, not ours, or not private.
+    """
+    return _map(path, _open_file(path), created=False, min_size=min_size)
+
+
+def _allocate(fd: int, size: int, path: str) -> None:
+    """Reserve ``size`` bytes for real, so a full tmpfs fails here, not with SIGBUS."""
+    try:
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, size)
+        else:  # pragma: no cover - macOS has no posix_fallocate
+            os.ftruncate(fd, size)
+            chunk = b"\0" * (1 << 20)
+            for offset in range(0, size, len(chunk)):
+                os.pwrite(fd, chunk[: size - offset], offset)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            directory = os.path.dirname(path)
+            raise SegmentSpaceError(
+                exc.errno,
+                f"no space for a {size}-byte segment in {directory} ({exc.strerror}); "
+                "pass a smaller size_bytes, free space there (docker: --shm-size), "
+                "or pass directory= elsewhere",
+            ) from exc
+        raise
+
+
+def _remove_stale_temps(directory: str, name_prefix: str) -> None:
+    """Delete temp files left by creators that died (their pid is gone)."""
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.startswith(name_prefix):
+            continue
+        pid_text = entry[len(name_prefix) :].split(".", 1)[0]
+        if not pid_text.isdigit():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, entry))
+        except PermissionError:
+            pass
+
+
+def open_or_create(
+    path: str,
+    size_bytes: int,
+    min_size: int,
+    initialise: Callable[[mmap.mmap], None],
+) -> MappedFile:
+    """Open the segment at ``path``, creating it with ``initialise`` if missing.
+
+    Args:
+        path: Segment file path (its directory must exist).
+        size_bytes: Size of a newly created segment.
+        min_size: Smallest size an existing file may have to be mapped.
+        initialise: Writes the header of a new, zero-filled mapping.
+    """
+    try:
+        return open_existing(path, min_size)
+    except FileNotFoundError:
+        pass
+    directory, base = os.path.split(path)
+    lock = filelock.FileLock(os.path.join(directory, f".{base}.lock"), mode=_PRIVATE_FILE_MODE)
+    try:
+        with lock.acquire(timeout=_CREATE_LOCK_TIMEOUT_S):
+            try:
+                return open_existing(path, min_size)
+            except FileNotFoundError:
+                pass
+            temp_prefix = f".{base}.tmp-"
+            _remove_stale_temps(directory, temp_prefix)
+            return _create(path, os.path.join(directory, f"{temp_prefix}{os.getpid()}"),
+                           size_bytes, min_size, initialise)
+    except filelock.Timeout as exc:
+        raise ShmCacheError(
+            f"timed out waiting for another process to create {path}"
+        ) from exc
+
+
+def _create(
+    path: str,
+    temp_path: str,
+    size_bytes: int,
+    min_size: int,
+    initialise: Callable[[mmap.mmap], None],
+) -> MappedFile:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temp_path)
+    fd = os.open(temp_path, _OPEN_FLAGS | os.O_CREAT | os.O_EXCL, _PRIVATE_FILE_MODE)
+    try:
+        os.fchmod(fd, _PRIVATE_FILE_MODE)  # whatever the umask says
+        _allocate(fd, size_bytes, path)
+        with mmap.mmap(fd, size_bytes, mmap.MAP_SHARED) as mapping:
+            initialise(mapping)
+        try:
+            os.link(temp_path, path)
+            created = True
+        except FileExistsError:
+            created = False  # another creator won the race: use theirs
+    finally:
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp_path)
+    if created:
+        logger.debug("created segment %s (%d bytes)", path, size_bytes)
+        return _map(path, _open_file(path), created=True, min_size=min_size)
+    return open_existing(path, min_size)

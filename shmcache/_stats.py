@@ -1,0 +1,40 @@
+"""The statistics snapshot returned by :meth:`SharedMemoryCache.stats`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+__all__ = ["CacheStats"]
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """Counters of one segment, summed over every process that used it.
+
+    Event counts (``hits`` … ``skipped``) run from the segment's creation;
+    ``clear()`` resets none of them.  ``entries`` and ``used_bytes`` describe what
+    is stored now (expired entries count until their space is reused).
+
+    Attributes:
+        hits: Lookups that returned a value.
+        misses: Lookups that returned None (absent, expired, evicted, damaged).
+        updates: Entries written.
+        evictions: Entries removed to make room (log full or index bucket full).
+        skipped: Updates not stored (value not storable, too large, lock timeout).
+        entries: Entries stored now.
+        used_bytes: Log bytes taken by the entries stored now.
+        size_bytes: The segment file's length.
+    """
+
+    hits: int
+    misses: int
+    updates: int
+    evictions: int
+    skipped: int
+    entries: int
+    used_bytes: int
+    size_bytes: int
+
+    def as_dict(self) -> dict[str, int]:
+        """Return the counters as a plain dict (e.g. for JSON)."""
+        return asdict(self)
