@@ -40,6 +40,7 @@ import os
 import struct
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -96,6 +97,13 @@ _U32: Final = struct.Struct("<I")
 _ALIGN: Final = 8
 # A reader retries the lock-free path this often before falling back to the lock.
 _SEQLOCK_TRIES: Final = 16
+
+
+# Test-only fault injection: tests set this (in a throw-away child process) to a
+# callable that gets each write step's number and may, e.g., SIGKILL the process.
+# Steps: 1 write begun, 2 room made (tail moved), 3 record header written, 4 value
+# written, 5 head published, 6 slot half-written (bucket version odd), 7 indexed.
+step_hook: Callable[[int], None] | None = None
 
 
 class Contended:
@@ -222,7 +230,7 @@ class Arena:
     def _bucket_word(self, seed: int) -> int:
         return self._index_word + (seed % self._n_buckets) * _BUCKET_WORDS
 
-    def find(self, digest: bytes, now: float) -> memoryview | None | Contended:
+    def find(self, digest: bytes, now: float) -> memoryview | Contended | None:
         """Look up ``digest`` without the lock.
 
         Returns:
@@ -303,6 +311,8 @@ class Arena:
         """*Locked.* Repair what a dead writer left, then mark a write in progress."""
         self.repair()
         self._words[_W_BUSY] = os.getpid()
+        if step_hook:
+            step_hook(1)
 
     def repair(self) -> None:
         """*Locked.* Repair what a writer that died holding the lock left half-done."""
@@ -330,6 +340,8 @@ class Arena:
             offset = 0
         else:
             self._make_room(position + length)
+        if step_hook:
+            step_hook(2)
         body = _RECORD.pack(
             _RECORD_MAGIC, 0, position, length, len(value), expires, llm_hash, digest
         )
@@ -337,10 +349,18 @@ class Arena:
         start = self._log_offset + offset
         self._mm[start : start + RECORD_HEADER_BYTES] = body
         _U32.pack_into(self._mm, start + 4, crc)
+        if step_hook:
+            step_hook(3)
         self._mm[start + RECORD_HEADER_BYTES : start + RECORD_HEADER_BYTES + len(value)] = value
+        if step_hook:
+            step_hook(4)
         words[_W_HEAD] = position + length  # publish: the record is complete
+        if step_hook:
+            step_hook(5)
         self._index(digest, llm_hash, position, length)
         words[W_UPDATES] += 1
+        if step_hook:
+            step_hook(7)
 
     def _make_room(self, end_position: int) -> None:
         """Evict from the tail until the log can hold bytes up to ``end_position``."""
@@ -418,6 +438,8 @@ class Arena:
         version = words[bucket] | 1
         words[bucket] = version
         words[bucket + _POS_AT + i] = position
+        if step_hook:
+            step_hook(6)
         words[bucket + _LLM_AT + i] = llm_hash
         self._halves[lens_at + i] = length
         words[bucket + _TAGS_AT + i] = tag

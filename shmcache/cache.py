@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import math
 import os
@@ -355,7 +356,7 @@ class SharedMemoryCache(BaseCache):
         arena = self._open_arena()
         _check_key(prompt, llm_string)
         digest = key_digest(prompt, llm_string)
-        found: memoryview | None | Contended = arena.find(digest, time.time())
+        found: memoryview | Contended | None = arena.find(digest, time.time())
         if found is CONTENDED:
             # A writer kept changing this bucket: read under the lock (bounded wait).
             found = (
@@ -371,7 +372,7 @@ class SharedMemoryCache(BaseCache):
         arena = self._open_arena()
         _check_key(prompt, llm_string)
         digest = key_digest(prompt, llm_string)
-        found: memoryview | None | Contended = arena.find(digest, time.time())
+        found: memoryview | Contended | None = arena.find(digest, time.time())
         if found is CONTENDED:
             found = self._find_locked(arena, digest) if await self._acquire_async() else None
         assert not isinstance(found, Contended)
@@ -468,6 +469,26 @@ class SharedMemoryCache(BaseCache):
             size_bytes=arena.geometry.size_bytes,
         )
 
+    def check(self) -> list[str]:
+        """Verify the whole segment under the lock (what ``shmcache check`` runs).
+
+        What a writer killed mid-write left half-done is repaired first and is not
+        reported: only real damage is.
+
+        Returns:
+            A description of each problem found; empty when the segment is sound.
+
+        Raises:
+            LockTimeoutError: the lock was not had within ``lock_timeout``.
+        """
+        arena = self._open_arena()
+        if not self._lock.acquire(self._lock_timeout):
+            raise self._timeout_error("check")
+        try:
+            return arena.verify()
+        finally:
+            self._lock.release()
+
     def flush(self) -> bool:
         """Publish this process's pending hit/miss/skip counts now.
 
@@ -511,10 +532,8 @@ class SharedMemoryCache(BaseCache):
         """
         directory, base = os.path.split(self._path)
         for path in (self._path, os.path.join(directory, f".{base}.lock")):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-            except FileNotFoundError:
-                pass
 
     def __enter__(self) -> SharedMemoryCache:
         self._open_arena()
