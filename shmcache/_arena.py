@@ -97,6 +97,9 @@ _U32: Final = struct.Struct("<I")
 _ALIGN: Final = 8
 # A reader retries the lock-free path this often before falling back to the lock.
 _SEQLOCK_TRIES: Final = 16
+# Positions stay far below 2**64 (centuries of writes at any real rate); one above
+# this can only be damage.
+_MAX_POSITION: Final = 1 << 62
 
 
 # Test-only fault injection: tests set this (in a throw-away child process) to a
@@ -136,6 +139,11 @@ class Geometry:
     def max_record_bytes(self) -> int:
         """The largest record (header included) one entry may take."""
         return self.log_size // 2
+
+
+def _warn_damaged(position: int) -> bool:
+    logger.warning("damaged record at log position %d: skipping the rest of its lap", position)
+    return True
 
 
 def _align(n: int) -> int:
@@ -315,8 +323,12 @@ class Arena:
             step_hook(1)
 
     def repair(self) -> None:
-        """*Locked.* Repair what a writer that died holding the lock left half-done."""
-        if self._words[_W_BUSY]:
+        """*Locked.* Repair what a dead writer left half-done, or damaged log bounds."""
+        words = self._words
+        tail, head = words[_W_TAIL], words[_W_HEAD]
+        if words[_W_BUSY] or not (
+            self._log_size <= tail <= head <= tail + self._log_size and head < _MAX_POSITION
+        ):
             self._recover()
 
     def end(self) -> None:
@@ -368,6 +380,11 @@ class Arena:
         limit = end_position - self._log_size
         tail = words[_W_TAIL]
         head = words[_W_HEAD]
+        warned = False
+        if limit - tail > self._log_size:
+            # Everything goes anyway (only damage gets here: repair() bounds the log).
+            self._wipe_index()
+            tail = limit
         while tail < limit:
             if tail >= head:
                 tail = limit
@@ -381,13 +398,13 @@ class Arena:
             elif magic == _RECORD_MAGIC:
                 _, _, position, length, _, _, _, digest = _RECORD.unpack_from(self._mm, start)
                 if position != tail or length < RECORD_HEADER_BYTES or tail + length > lap_end:
-                    logger.warning("damaged record at log position %d: skipping its lap", tail)
+                    warned = warned or _warn_damaged(tail)
                     tail = lap_end
                 else:
                     self._unindex(digest, position)
                     tail += length
             else:
-                logger.warning("damaged record at log position %d: skipping its lap", tail)
+                warned = warned or _warn_damaged(tail)
                 tail = lap_end
             # The tail moves before any byte behind it is overwritten (readers check it).
             words[_W_TAIL] = min(tail, head)
@@ -453,10 +470,14 @@ class Arena:
         # Moving the tail to the head invalidates every record for readers at once;
         # the index is then wiped at leisure.
         words[_W_TAIL] = words[_W_HEAD]
+        self._wipe_index()
+
+    def _wipe_index(self) -> None:
+        """*Locked.* Empty every index slot (readers then find nothing)."""
         start = self.geometry.index_offset
         self._mm[start : self.geometry.log_offset] = bytes(self.geometry.log_offset - start)
-        words[W_ENTRIES] = 0
-        words[W_USED] = 0
+        self._words[W_ENTRIES] = 0
+        self._words[W_USED] = 0
 
     def clear_llm_string(self, llm_hash: int) -> int:
         """*Locked*, between :meth:`begin` and :meth:`end`. Remove entries of one llm_string.
@@ -510,12 +531,18 @@ class Arena:
     def _recover(self) -> None:
         """*Locked.* Undo the half-done work of a writer that died holding the lock."""
         words = self._words
-        logger.warning(
-            "a writer (pid %d) died mid-write; repairing the segment index", words[_W_BUSY]
-        )
         tail, head = words[_W_TAIL], words[_W_HEAD]
-        if not words[_W_HEAD] - self._log_size <= tail <= head:
-            words[_W_TAIL] = tail = head
+        if self._log_size <= tail <= head <= tail + self._log_size and head < _MAX_POSITION:
+            logger.warning(
+                "a writer (pid %d) died mid-write; repairing the segment index", words[_W_BUSY]
+            )
+        else:
+            # Damaged log bounds: restart the log empty. Every slot then lies outside
+            # [tail, head) and is dropped below, so no reader follows one.
+            logger.warning("damaged log bounds (tail %d, head %d); emptying the cache", tail, head)
+            tail = head = tail if self._log_size <= tail < _MAX_POSITION else self._log_size
+            words[_W_TAIL] = tail
+            words[_W_HEAD] = head
         entries = used = 0
         for b in range(self._n_buckets):
             bucket = self._index_word + b * _BUCKET_WORDS
@@ -540,12 +567,15 @@ class Arena:
 
     def verify(self) -> list[str]:
         """*Locked.* Check the whole segment; return the problems found (none: [])."""
-        self.repair()  # what a dead writer left half-done is not damage
         words = self._words
         problems: list[str] = []
         tail, head = words[_W_TAIL], words[_W_HEAD]
-        if not (head - self._log_size <= tail <= head and tail >= self._log_size):
-            return [f"log tail {tail} and head {head} are inconsistent"]
+        if not self._log_size <= tail <= head <= tail + self._log_size < _MAX_POSITION:
+            problems.append(
+                f"log tail {tail} and head {head} are inconsistent (the cache was emptied)"
+            )
+        self.repair()  # what a dead writer left half-done is not damage
+        tail, head = words[_W_TAIL], words[_W_HEAD]
         problems.extend(self._verify_log(tail, head))
         entries = used = 0
         for b in range(self._n_buckets):
