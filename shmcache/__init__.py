@@ -33,7 +33,7 @@ __all__ = [
     "SegmentFormatError",
     "SegmentPermissionError",
     "SegmentSpaceError",
-    "ShmCacheError",
     "SharedMemoryCache",
+    "ShmCacheError",
     "__version__",
 ]
