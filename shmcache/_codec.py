@@ -1,0 +1,791 @@
+"""Value codec: LangChain generations to msgpack bytes and back.
+
+The cache stores the ``list[Generation]`` that LangChain hands to ``BaseCache.update``.
+This module turns such a list into bytes and rebuilds an equal list, class for class,
+in any process.  Design points:
+
+* Exact or nothing.  :func:`encode_generations` refuses (``UnencodableValueError``)
+  any value that would not come back equal and of the same classes: unknown classes,
+  tuples, sets, ``str``/``int``/``dict`` subclasses, non-``str`` dict keys, ints beyond
+  64 bits, NaN, pydantic objects inside free-form fields, and so on.  One exception:
+  LangChain's own ``TextAccessor`` (the ``str`` subclass ``message.text`` returns)
+  is stored as the plain ``str`` it equals.
+* Explicit schema.  Each supported class has a fixed tag and its fields are taken from
+  its ``model_fields`` at import, so a field a later langchain-core adds is stored too
+  (or refused if its value is not plain data) rather than silently dropped.  A digest
+  of that layout follows the format byte; bytes written under another layout are
+  refused with :class:`CodecVersionError` (a kind of :class:`CodecError`).
+* Never trust the bytes.  :func:`decode_generations` shape-checks everything it reads
+  with the same checks the encoder applies, bounds msgpack by the input length and
+  nesting by :data:`MAX_NESTING_DEPTH`, and raises :class:`CodecError`, nothing else.
+  No class is ever looked up by a name found in the data.
+* Fast rebuild.  Values that passed those checks are exactly what the encoder accepted
+  from validated objects, so objects are rebuilt the way ``model_construct`` does it
+  (without its per-field bookkeeping) instead of re-running pydantic validation, which
+  costs several times more.  Every field value is stored, derived ones included
+  (``ChatGeneration.text``, an ``AIMessageChunk``'s parsed ``tool_calls``), so no
+  validator needs to run; ``model_fields_set`` and extra fields are restored too.
+  The checks cover each field's type (``name`` is a str or None, ``tool_calls`` a
+  list of dicts, ...) and that free-form data is plain; keys inside a tool call dict
+  are free-form data like any other.
+
+Both functions are thread-safe (no shared mutable state beyond bounded caches).
+
+Wire format (``FORMAT_VERSION`` 1)::
+
+    byte 0      FORMAT_VERSION
+    bytes 1..4  crc32 of the class/field layout, big-endian
+    bytes 5..   msgpack array of objects; each object is
+                [tag, fields_set_mask, extras_or_nil, field_0, ..., field_n-1]
+                with fields in ``model_fields`` order; ChatGeneration.message holds a
+                nested message object of the same shape.
+"""
+
+from __future__ import annotations
+
+import operator
+import reprlib
+import struct
+import sys
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, Union, cast, get_args, get_origin
+
+import msgpack
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    BaseMessageChunk,
+    ChatMessage,
+    ChatMessageChunk,
+    FunctionMessage,
+    FunctionMessageChunk,
+    HumanMessage,
+    HumanMessageChunk,
+    RemoveMessage,
+    SystemMessage,
+    SystemMessageChunk,
+    ToolMessage,
+    ToolMessageChunk,
+)
+from langchain_core.messages.base import TextAccessor
+from langchain_core.outputs import (
+    ChatGeneration,
+    ChatGenerationChunk,
+    Generation,
+    GenerationChunk,
+)
+from pydantic import BaseModel
+
+from shmcache._errors import ShmCacheError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MAX_NESTING_DEPTH",
+    "CodecError",
+    "CodecVersionError",
+    "UnencodableValueError",
+    "decode_generations",
+    "encode_generations",
+]
+
+FORMAT_VERSION: Final = 1
+"""First byte of every encoding; bump it when the layout below changes."""
+
+MAX_NESTING_DEPTH: Final = 100
+"""Deepest nesting of lists/dicts accepted inside one field (both directions)."""
+
+_INT_MIN: Final = -(2**63)
+_INT_MAX: Final = 2**64 - 1
+_HEADER_LEN: Final = 5
+_MASK_CACHE_MAX_ENTRIES: Final = 1024
+
+# Tags are part of the format: never renumber, only add.
+_GENERATION_TAGS: Final[tuple[tuple[int, type[Generation]], ...]] = (
+    (1, Generation),
+    (2, GenerationChunk),
+    (3, ChatGeneration),
+    (4, ChatGenerationChunk),
+)
+_MESSAGE_TAGS: Final[tuple[tuple[int, type[BaseMessage]], ...]] = (
+    (1, AIMessage),
+    (2, AIMessageChunk),
+    (3, HumanMessage),
+    (4, HumanMessageChunk),
+    (5, SystemMessage),
+    (6, SystemMessageChunk),
+    (7, ToolMessage),
+    (8, ToolMessageChunk),
+    (9, FunctionMessage),
+    (10, FunctionMessageChunk),
+    (11, ChatMessage),
+    (12, ChatMessageChunk),
+    (13, RemoveMessage),
+    (14, BaseMessage),
+    (15, BaseMessageChunk),
+)
+
+if sys.version_info >= (3, 11):
+    from operator import call as _call
+else:  # pragma: no cover - Python 3.10
+
+    def _call(check: Callable[[Any], Any], value: Any) -> Any:
+        return check(value)
+
+
+# Leaves msgpack gives back unchanged; int and float need a value check as well.
+_PLAIN_LEAF_TYPES: Final[frozenset[type]] = frozenset({type(None), bool, str, bytes})
+
+
+class CodecError(ShmCacheError, ValueError):
+    """The bytes are not a valid encoding of a list of generations."""
+
+
+class CodecVersionError(CodecError):
+    """The bytes were written by another codec format or langchain-core field layout.
+
+    Not damage: treat the entry as a miss (a process with this layout may rewrite it).
+    """
+
+
+class UnencodableValueError(ShmCacheError, TypeError):
+    """The value cannot be stored so that it comes back equal, class for class."""
+
+
+class _Invalid(Exception):
+    """Internal: a value failed a check; ``path`` is collected while unwinding."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.path: list[str] = []
+
+    def describe(self, root: str = "") -> str:
+        """Return ``root`` + path + reason, e.g. ``generations[0].text is an int``."""
+        return f"{root}{''.join(reversed(self.path))} {self.reason}"
+
+
+# --------------------------------------------------------------------------- checks
+# Every check takes a value and returns what to store / what was read, raising
+# _Invalid otherwise.  The encoder and the decoder run the same checks, so whatever
+# the encoder writes the decoder accepts, and nothing else.
+
+_Check = Callable[[Any], Any]
+
+
+def _type_phrase(value: object) -> str:
+    """Name a value's type for messages: ``a tuple``, ``an int``."""
+    name = type(value).__qualname__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
+def _why_not_plain(value: object) -> str:
+    """Say why a leaf value cannot be stored losslessly."""
+    kind = type(value)
+    if kind is tuple:
+        return "is a tuple, which would come back as a list"
+    if kind is set or kind is frozenset:
+        return f"is {_type_phrase(value)}, which msgpack cannot store (use a list)"
+    if kind is bytearray or kind is memoryview:
+        return f"is {_type_phrase(value)}, which would come back as bytes"
+    if kind is int:
+        return f"is the int {reprlib.repr(value)}, outside the 64-bit range msgpack stores"
+    if kind is float:
+        return "is a float NaN, which never equals itself, so it cannot come back equal"
+    if isinstance(value, BaseModel):
+        return f"is a pydantic model ({kind.__qualname__}); store plain data (model_dump())"
+    for base in (bool, int, float, str, bytes, list, dict):
+        if isinstance(value, base):
+            return (
+                f"is {_type_phrase(value)} (a {base.__name__} subclass), "
+                f"which would come back as a plain {base.__name__}"
+            )
+    return f"is {_type_phrase(value)}, which cannot be stored losslessly"
+
+
+def _check_leaf(value: Any) -> None:
+    """Accept an int in 64-bit range, a non-NaN float or a TextAccessor; reject the rest."""
+    kind = type(value)
+    if kind is int:
+        if _INT_MIN <= value <= _INT_MAX:
+            return
+    elif kind is float:
+        if value == value:  # NaN is the only float unequal to itself
+            return
+    elif kind is TextAccessor:
+        # LangChain's own ``message.text`` type: no state beyond the str, and it
+        # compares equal to the plain str it comes back as (see _plain_text).
+        return
+    raise _Invalid(_why_not_plain(value))
+
+
+def _too_deep() -> _Invalid:
+    return _Invalid(f"is nested more than {MAX_NESTING_DEPTH} levels deep (or contains itself)")
+
+
+def _check_dict(value: dict[Any, Any], depth: int) -> None:
+    """Check a free-form dict: ``str`` keys, plain values, bounded depth."""
+    if depth >= MAX_NESTING_DEPTH:
+        raise _too_deep()
+    depth += 1
+    for key, item in value.items():
+        if type(key) is not str and type(key) is not TextAccessor:
+            raise _Invalid(
+                f"has the key {reprlib.repr(key)} of type {type(key).__qualname__}; "
+                "only str keys come back as stored"
+            )
+        kind = type(item)
+        if kind in _PLAIN_LEAF_TYPES or (kind is int and _INT_MIN <= item <= _INT_MAX):
+            continue
+        try:
+            if kind is dict:
+                _check_dict(item, depth)
+            elif kind is list:
+                _check_list(item, depth)
+            else:
+                _check_leaf(item)
+        except _Invalid as exc:
+            exc.path.append(f"[{key!r}]")
+            raise
+
+
+def _check_list(value: list[Any], depth: int) -> None:
+    """Check a free-form list: plain items, bounded depth."""
+    if depth >= MAX_NESTING_DEPTH:
+        raise _too_deep()
+    depth += 1
+    for item in value:
+        kind = type(item)
+        if kind in _PLAIN_LEAF_TYPES or (kind is int and _INT_MIN <= item <= _INT_MAX):
+            continue
+        try:
+            if kind is dict:
+                _check_dict(item, depth)
+            elif kind is list:
+                _check_list(item, depth)
+            else:
+                _check_leaf(item)
+        except _Invalid as exc:
+            # Found only on failure, to keep enumerate() off the fast path.
+            index = next(i for i, other in enumerate(value) if other is item)
+            exc.path.append(f"[{index}]")
+            raise
+
+
+def _check_any(value: Any) -> Any:
+    """Check a free-form value (``ToolMessage.artifact``, unknown future fields)."""
+    kind = type(value)
+    if kind is dict:
+        _check_dict(value, 0)
+    elif kind is list:
+        _check_list(value, 0)
+    elif kind not in _PLAIN_LEAF_TYPES:
+        _check_leaf(value)
+    return value
+
+
+def _expected(value: Any, what: str) -> _Invalid:
+    return _Invalid(f"is {_type_phrase(value)}, expected {what}")
+
+
+def _check_str(value: Any) -> str:
+    """Check a ``str`` field; LangChain's own ``TextAccessor`` is stored as a str."""
+    kind = type(value)
+    if kind is str:
+        return value  # type: ignore[no-any-return]
+    if kind is TextAccessor:
+        return str.__str__(value)
+    raise _expected(value, "str")
+
+
+def _check_optional_str(value: Any) -> str | None:
+    return None if value is None else _check_str(value)
+
+
+def _check_free_dict(value: Any) -> dict[str, Any]:
+    if type(value) is not dict:
+        raise _expected(value, "dict")
+    _check_dict(value, 0)
+    return value
+
+
+def _check_optional_free_dict(value: Any) -> dict[str, Any] | None:
+    return None if value is None else _check_free_dict(value)
+
+
+def _check_dict_list(value: Any) -> list[dict[str, Any]]:
+    """Check a list of dicts (tool calls, invalid tool calls, tool call chunks)."""
+    if type(value) is not list:
+        raise _expected(value, "list")
+    for index, item in enumerate(value):
+        if type(item) is not dict:
+            exc = _expected(item, "dict")
+            exc.path.append(f"[{index}]")
+            raise exc
+    _check_list(value, 0)
+    return value
+
+
+def _check_content(value: Any) -> str | list[Any]:
+    """Check message content: a str, or a list of str and dict blocks."""
+    kind = type(value)
+    if kind is str:
+        return value  # type: ignore[no-any-return]
+    if kind is not list:
+        raise _expected(value, "str or list")
+    for index, item in enumerate(value):
+        if type(item) is not str and type(item) is not dict:
+            exc = _expected(item, "str or dict")
+            exc.path.append(f"[{index}]")
+            raise exc
+    _check_list(value, 0)
+    return value  # type: ignore[no-any-return]
+
+
+def _literal_check(allowed: frozenset[str | None]) -> _Check:
+    """Build a check for a ``Literal[...]`` (or optional literal) field."""
+    shown = " or ".join(sorted(repr(choice) for choice in allowed))
+
+    def check(value: Any) -> Any:
+        if (value is None or type(value) is str) and value in allowed:
+            return value
+        raise _Invalid(f"is {reprlib.repr(value)}, expected {shown}")
+
+    return check
+
+
+def _literal_values(annotation: Any) -> frozenset[str | None] | None:
+    """Return the values of a ``Literal``/``Optional[Literal]`` annotation, else None."""
+    if get_origin(annotation) is Literal:
+        options = get_args(annotation)
+    elif get_origin(annotation) in (Union, type(str | None)):
+        options = ()
+        for arm in get_args(annotation):
+            if arm is type(None):
+                options += (None,)
+            elif get_origin(arm) is Literal:
+                options += get_args(arm)
+            else:
+                return None
+    else:
+        return None
+    if not all(option is None or type(option) is str for option in options):
+        return None
+    return frozenset(options)
+
+
+# Field name -> check, for the fields langchain-core 1.x defines.  A field not listed
+# (added by a later release) is stored as free-form data, checked like any other.
+_CHECKS_BY_FIELD: Final[dict[str, _Check]] = {
+    "text": _check_str,
+    "generation_info": _check_optional_free_dict,
+    "content": _check_content,
+    "additional_kwargs": _check_free_dict,
+    "response_metadata": _check_free_dict,
+    "type": _check_str,
+    "name": _check_optional_str,
+    "id": _check_optional_str,
+    "tool_calls": _check_dict_list,
+    "invalid_tool_calls": _check_dict_list,
+    "tool_call_chunks": _check_dict_list,
+    "usage_metadata": _check_optional_free_dict,
+    "tool_call_id": _check_str,
+    "role": _check_str,
+}
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass(eq=False)
+class _ClassSpec:
+    """How one class is written and rebuilt."""
+
+    cls: type[BaseModel]
+    tag: int
+    names: tuple[str, ...]
+    encoders: tuple[_Check, ...]
+    decoders: tuple[_Check, ...]
+    allows_extra: bool
+    # Rebuild like model_construct (no post-init hook, no private attributes).
+    fast_build: bool
+    # operator.itemgetter over ``names``: the field values as a tuple, in one C call.
+    get_values: Callable[[dict[str, Any]], tuple[Any, ...]]
+    # Class, fields and their checks as text, for the layout digest.
+    layout: str
+    # Length of the encoded array: tag, mask, extras, then one slot per field.
+    width: int = field(init=False)
+    # Mask bit saying the extras' names are in ``model_fields_set``.
+    extras_bit: int = field(init=False)
+    mask_by_fields_set: dict[frozenset[str], int] = field(default_factory=dict)
+    fields_set_by_mask: dict[int, frozenset[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.width = 3 + len(self.names)
+        self.extras_bit = 1 << len(self.names)
+
+
+def _message_field_checks(
+    base: type[BaseMessage],
+) -> tuple[_Check, _Check]:
+    """Build the encode/decode pair for ``ChatGeneration.message``-like fields."""
+
+    def encode(value: Any) -> list[Any]:
+        spec = _MESSAGE_SPECS.get(type(value))
+        if spec is None:
+            raise _Invalid(_unsupported_class(value, _MESSAGE_SPECS))
+        if not isinstance(value, base):
+            raise _expected(value, base.__name__)
+        return _encode_object(value, spec)
+
+    def decode(value: Any) -> BaseModel:
+        obj = _decode_object(value, _MESSAGE_SPECS_BY_TAG)
+        if not isinstance(obj, base):
+            raise _expected(obj, base.__name__)
+        return obj
+
+    return encode, decode
+
+
+def _values_getter(names: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+    """Return a function reading ``names`` from a ``__dict__`` as a tuple."""
+    if len(names) == 1:  # itemgetter of one name returns the bare value
+        name = names[0]
+        return lambda values: (values[name],)
+    return operator.itemgetter(*names)
+
+
+def _build_spec(tag: int, cls: type[BaseModel]) -> _ClassSpec:
+    """Derive a class's spec from its ``model_fields`` (exact, in field order)."""
+    encoders: list[_Check] = []
+    decoders: list[_Check] = []
+    layout = [f"{tag}:{cls.__name__}:{cls.model_config.get('extra')}"]
+    for name, info in cls.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseMessage):
+            encode, decode = _message_field_checks(annotation)
+            kind = f"message[{annotation.__name__}]"
+        elif (allowed := _literal_values(annotation)) is not None:
+            encode = decode = _literal_check(allowed)
+            kind = f"literal{sorted(allowed, key=repr)}"
+        else:
+            encode = decode = _CHECKS_BY_FIELD.get(name, _check_any)
+            kind = encode.__name__
+        encoders.append(encode)
+        decoders.append(decode)
+        layout.append(f"{name}={kind}")
+    return _ClassSpec(
+        cls=cls,
+        tag=tag,
+        names=tuple(cls.model_fields),
+        encoders=tuple(encoders),
+        decoders=tuple(decoders),
+        allows_extra=cls.model_config.get("extra") == "allow",
+        get_values=_values_getter(tuple(cls.model_fields)),
+        layout=",".join(layout),
+        fast_build=(
+            not cls.__pydantic_post_init__
+            and not cls.__private_attributes__
+            and not cls.__pydantic_root_model__
+        ),
+    )
+
+
+def _layout_digest(specs: Iterable[_ClassSpec]) -> bytes:
+    """Digest of tags, classes, fields and checks: another layout must not be misread."""
+    text = ";".join(spec.layout for spec in specs)
+    return struct.pack(">I", zlib.crc32(text.encode()))
+
+
+_GENERATION_SPECS: Final[dict[type, _ClassSpec]] = {
+    cls: _build_spec(tag, cls) for tag, cls in _GENERATION_TAGS
+}
+_GENERATION_SPECS_BY_TAG: Final[dict[int, _ClassSpec]] = {
+    spec.tag: spec for spec in _GENERATION_SPECS.values()
+}
+_MESSAGE_SPECS: Final[dict[type, _ClassSpec]] = {
+    cls: _build_spec(tag, cls) for tag, cls in _MESSAGE_TAGS
+}
+_MESSAGE_SPECS_BY_TAG: Final[dict[int, _ClassSpec]] = {
+    spec.tag: spec for spec in _MESSAGE_SPECS.values()
+}
+_HEADER: Final[bytes] = bytes([FORMAT_VERSION]) + _layout_digest(
+    [*_GENERATION_SPECS.values(), *_MESSAGE_SPECS.values()]
+)
+
+
+def _unsupported_class(value: object, specs: dict[type, _ClassSpec]) -> str:
+    kind = type(value)
+    names = ", ".join(spec.cls.__name__ for spec in specs.values())
+    return (
+        f"is {_type_phrase(value)} (from {kind.__module__}), which the codec cannot "
+        f"rebuild exactly; supported: {names}"
+    )
+
+
+# --------------------------------------------------------------------------- encode
+
+
+def _fields_set_mask(spec: _ClassSpec, obj: BaseModel, extras: dict[str, Any] | None) -> int:
+    """Encode ``model_fields_set`` as a bit mask over the spec's fields."""
+    fields_set: set[str] = obj.__pydantic_fields_set__
+    key = frozenset(fields_set)
+    mask = spec.mask_by_fields_set.get(key)
+    if mask is None:
+        mask = sum(1 << i for i, name in enumerate(spec.names) if name in key)
+        if len(spec.mask_by_fields_set) < _MASK_CACHE_MAX_ENTRIES:
+            spec.mask_by_fields_set[key] = mask
+    if extras and extras.keys() <= key:
+        mask |= spec.extras_bit
+    return mask
+
+
+def _encode_extras(spec: _ClassSpec, obj: BaseModel) -> dict[str, Any] | None:
+    """Return the object's extra (undeclared) fields, checked, or None."""
+    extras = obj.__pydantic_extra__
+    if getattr(obj, "__pydantic_private__", None):
+        raise _Invalid("has private attributes, which the codec does not store")
+    if not extras:
+        return None
+    if not spec.allows_extra:  # the decoder would refuse them
+        raise _Invalid("has extra fields, which its class does not allow")
+    try:
+        _check_dict(extras, 0)
+    except _Invalid as exc:
+        exc.path.append(" (extra fields)")
+        raise
+    clash = extras.keys() & set(spec.names)
+    if clash:
+        raise _Invalid(f"has extra fields named like declared fields: {sorted(clash)}")
+    return extras
+
+
+def _run_checks(
+    names: tuple[str, ...], checks: tuple[_Check, ...], values: Sequence[Any]
+) -> list[Any]:
+    """Apply each field's check; on failure, say which field failed."""
+    try:
+        # map() keeps the per-field loop in C: this is the hot path of both directions.
+        return list(map(_call, checks, values))
+    except _Invalid:
+        pass
+    # Rare path: re-run one by one (checks are pure) to name the field.
+    for name, check, value in zip(names, checks, values, strict=True):
+        try:
+            check(value)
+        except _Invalid as exc:
+            exc.path.append(f".{name}")
+            raise
+    raise AssertionError("unreachable: a check failed only once")  # pragma: no cover
+
+
+def _encode_object(obj: BaseModel, spec: _ClassSpec) -> list[Any]:
+    """Encode one generation or message as ``[tag, mask, extras, *fields]``."""
+    extras = _encode_extras(spec, obj)
+    try:
+        values = spec.get_values(obj.__dict__)
+    except KeyError as exc:
+        raise _Invalid(f"has no value for its field {exc}") from None
+    out: list[Any] = [spec.tag, _fields_set_mask(spec, obj, extras), extras]
+    out += _run_checks(spec.names, spec.encoders, values)
+    return out
+
+
+def _plain_text(value: Any) -> str:
+    """msgpack ``default`` hook: store a TextAccessor as the str it is."""
+    if type(value) is TextAccessor:
+        return str.__str__(value)
+    raise TypeError(f"cannot pack {_type_phrase(value)}")
+
+
+def _pack(payload: list[Any]) -> bytes:
+    """Pack with msgpack; lone surrogates take the slower ``surrogatepass`` path."""
+    # A Packer per call (what packb does) keeps this thread-safe; it costs ~0.1 us.
+    # strict_types sends every subclass to ``default``: the checks let only
+    # TextAccessor through, anything else that slipped past them fails loudly.
+    try:
+        return msgpack.packb(payload, use_bin_type=True, strict_types=True, default=_plain_text)
+    except UnicodeEncodeError:
+        return msgpack.packb(
+            payload,
+            use_bin_type=True,
+            strict_types=True,
+            default=_plain_text,
+            unicode_errors="surrogatepass",
+        )
+
+
+def encode_generations(generations: Sequence[Generation]) -> bytes:
+    """Encode the generations LangChain hands to ``BaseCache.update``.
+
+    Args:
+        generations: A non-empty sequence of ``Generation``, ``GenerationChunk``,
+            ``ChatGeneration`` or ``ChatGenerationChunk`` (exactly these classes).
+
+    Returns:
+        Bytes starting with :data:`FORMAT_VERSION`, which
+        :func:`decode_generations` turns back into an equal list of the same classes.
+
+    Raises:
+        UnencodableValueError: The value is empty, or would not come back equal and
+            of the same classes; the message names the offending part, e.g.
+            ``generations[0].message.additional_kwargs['x'] is a tuple, which would
+            come back as a list``.
+    """
+    if not isinstance(generations, Sequence) or isinstance(generations, (str, bytes)):
+        raise UnencodableValueError(
+            f"expected a sequence of Generation objects, got {_type_phrase(generations)}"
+        )
+    if not generations:
+        raise UnencodableValueError("the value is an empty sequence; there is nothing to store")
+    payload: list[Any] = []
+    for index, generation in enumerate(generations):
+        root = f"generations[{index}]"
+        spec = _GENERATION_SPECS.get(type(generation))
+        try:
+            if spec is None:
+                raise _Invalid(_unsupported_class(generation, _GENERATION_SPECS))
+            payload.append(_encode_object(generation, spec))
+        except _Invalid as exc:
+            raise UnencodableValueError(exc.describe(root)) from None
+        except RecursionError:
+            raise UnencodableValueError(f"{root} is nested too deeply to encode") from None
+    try:
+        return _HEADER + _pack(payload)
+    except (TypeError, ValueError, OverflowError) as exc:
+        # Unreachable if the checks above are complete; kept so no other type escapes.
+        raise UnencodableValueError(f"the value cannot be packed: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- decode
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise _Invalid(f"holds a msgpack extension type {code}, which the codec never writes")
+
+
+def _unpack(data: bytes | memoryview) -> Any:
+    """Check the header and unpack the body with limits bound by its length."""
+    view = memoryview(data).cast("B")
+    if view.nbytes < _HEADER_LEN + 1:
+        raise _Invalid(f"is {view.nbytes} bytes long, too short for an encoding")
+    header = view[:_HEADER_LEN].tobytes()
+    if header != _HEADER:
+        raise CodecVersionError(
+            f"written with codec format {header[0]} / layout {header[1:].hex()}, "
+            f"this process reads format {FORMAT_VERSION} / layout {_HEADER[1:].hex()} "
+            "(another shmcache or langchain-core version); treat it as a miss"
+        )
+    body = view[_HEADER_LEN:]
+    limit = body.nbytes
+    return msgpack.unpackb(
+        body,
+        raw=False,
+        use_list=True,
+        strict_map_key=True,
+        unicode_errors="surrogatepass",
+        ext_hook=_reject_ext,
+        max_str_len=limit,
+        max_bin_len=limit,
+        max_array_len=limit,
+        max_map_len=limit,
+        max_ext_len=limit,
+    )
+
+
+def _decode_fields_set(spec: _ClassSpec, mask: Any, extras: dict[str, Any] | None) -> set[str]:
+    """Turn a mask back into a fresh ``model_fields_set``."""
+    if type(mask) is not int or not 0 <= mask < spec.extras_bit << 1:
+        raise _Invalid(f"has the fields-set mask {reprlib.repr(mask)}, out of range")
+    names = spec.fields_set_by_mask.get(mask)
+    if names is None:
+        names = frozenset(name for i, name in enumerate(spec.names) if mask >> i & 1)
+        if len(spec.fields_set_by_mask) < _MASK_CACHE_MAX_ENTRIES:
+            spec.fields_set_by_mask[mask] = names
+    fields_set = set(names)
+    if mask & spec.extras_bit:
+        if not extras:
+            raise _Invalid("marks extra fields as set but has none")
+        fields_set.update(extras)
+    return fields_set
+
+
+def _decode_extras(spec: _ClassSpec, extras: Any) -> dict[str, Any] | None:
+    """Check the extras slot; return the dict pydantic keeps in ``__pydantic_extra__``."""
+    if extras is None:
+        return {} if spec.allows_extra else None
+    if not spec.allows_extra or type(extras) is not dict or not extras:
+        raise _Invalid(f"has extra fields {reprlib.repr(extras)} where none can be")
+    _check_dict(extras, 0)
+    if not extras.keys().isdisjoint(spec.names):
+        raise _Invalid("has extra fields named like declared fields")
+    return extras
+
+
+_new_object: Final = object.__new__
+_set_slot: Final = object.__setattr__
+
+
+def _decode_object(item: Any, specs_by_tag: dict[int, _ClassSpec]) -> BaseModel:
+    """Check and rebuild one ``[tag, mask, extras, *fields]`` array."""
+    if type(item) is not list or len(item) < 3:
+        raise _expected(item, "an object array")
+    tag = item[0]
+    spec = specs_by_tag.get(tag) if type(tag) is int else None
+    if spec is None:
+        raise _Invalid(f"has the unknown class tag {reprlib.repr(tag)}")
+    if len(item) != spec.width:
+        raise _Invalid(f"has {len(item)} slots, {spec.cls.__name__} takes {spec.width}")
+    extras = _decode_extras(spec, item[2])
+    fields_set = _decode_fields_set(spec, item[1], extras)
+    # Lengths match (checked above); zip's strict= keyword alone costs ~0.15 us here.
+    values = dict(zip(spec.names, _run_checks(spec.names, spec.decoders, item[3:])))  # noqa: B905
+    if not spec.fast_build:
+        return spec.cls.model_construct(fields_set, **values, **(extras or {}))
+    # What model_construct does once defaults are resolved; every field is present.
+    obj = _new_object(spec.cls)
+    _set_slot(obj, "__dict__", values)
+    _set_slot(obj, "__pydantic_fields_set__", fields_set)
+    _set_slot(obj, "__pydantic_extra__", extras)
+    _set_slot(obj, "__pydantic_private__", None)
+    return obj
+
+
+def decode_generations(data: bytes | memoryview) -> list[Generation]:
+    """Rebuild the generations from bytes written by :func:`encode_generations`.
+
+    Every call returns a new list of new objects (callers mutate them), equal to the
+    stored ones and of exactly the same classes.
+
+    Args:
+        data: The encoded value (``bytes``, or a ``memoryview`` into shared memory,
+            which is not kept past the call).
+
+    Returns:
+        The list of generations.
+
+    Raises:
+        CodecError: ``data`` is not a valid encoding (damaged, truncated, or not ours);
+            :class:`CodecVersionError` if it was written under another format or
+            langchain-core field layout.  No other exception escapes.
+    """
+    try:
+        payload = _unpack(data)
+        if type(payload) is not list or not payload:
+            raise _expected(payload, "a non-empty list of generations")
+        generations: list[Generation] = []
+        for index, item in enumerate(payload):
+            try:
+                generations.append(cast(Generation, _decode_object(item, _GENERATION_SPECS_BY_TAG)))
+            except _Invalid as exc:
+                exc.path.append(f"[{index}]")
+                raise
+        return generations
+    except CodecError:
+        raise
+    except _Invalid as exc:
+        raise CodecError(f"not a valid encoding: {exc.describe('generations')}") from None
+    except Exception as exc:  # msgpack, memoryview and recursion errors alike
+        raise CodecError(f"not a valid encoding: {type(exc).__name__}: {exc}") from exc
