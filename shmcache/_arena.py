@@ -53,7 +53,7 @@ logger = logging.getLogger("shmcache")
 
 FORMAT_VERSION: Final = 1
 MAGIC: Final = b"SHMCACHE"
-HEADER_BYTES: Final = 4096
+HEADER_BYTES: Final = 8192
 MIN_SIZE_BYTES: Final = 1 << 20
 
 # Geometry: magic, version, header bytes, size, buckets, slots/bucket, bucket bytes,
@@ -72,6 +72,18 @@ W_EVICTIONS: Final = 38
 W_SKIPPED: Final = 39
 W_ENTRIES: Final = 40
 W_USED: Final = 41
+
+# Per-process counters: a table of [pid, hits, misses, skipped] slots in the header.
+# Each slot is written only by the process that claimed it, so counting a lookup
+# takes no lock and shows in every process's stats() at once, even if the counting
+# process is later killed.  A slot is folded into the shared counters and freed when
+# its owner closes, or when its owner is found dead and the slot is needed.
+_PROCESS_TABLE_WORD: Final = 128
+_PROCESS_SLOT_WORDS: Final = 4
+PROCESS_SLOTS: Final = (HEADER_BYTES // 8 - _PROCESS_TABLE_WORD) // _PROCESS_SLOT_WORDS
+SLOT_HITS: Final = 1
+SLOT_MISSES: Final = 2
+SLOT_SKIPPED: Final = 3
 
 SLOTS_PER_BUCKET: Final = 8
 BUCKET_BYTES: Final = 256
@@ -139,6 +151,16 @@ class Geometry:
     def max_record_bytes(self) -> int:
         """The largest record (header included) one entry may take."""
         return self.log_size // 2
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, under another user
+    return True
 
 
 def _warn_damaged(position: int) -> bool:
@@ -232,6 +254,54 @@ class Arena:
     def add_counter(self, word: int, delta: int) -> None:
         """*Locked.* Add ``delta`` (may be negative) to a shared counter."""
         self._words[word] = max(0, self._words[word] + delta)
+
+    # -- per-process counters -------------------------------------------------
+
+    def claim_process_slot(self, pid: int) -> memoryview | None:
+        """*Locked.* Claim a counter slot for process ``pid``.
+
+        Returns:
+            A view ``[pid, hits, misses, skipped]`` of the slot (release it with
+            :meth:`free_process_slot`), or None when every slot is in use.
+        """
+        words = self._words
+        for slot in range(PROCESS_SLOTS):
+            base = _PROCESS_TABLE_WORD + slot * _PROCESS_SLOT_WORDS
+            owner = words[base]
+            if owner and _alive(owner):
+                continue
+            view = words[base : base + _PROCESS_SLOT_WORDS]
+            self._fold(view)
+            view[0] = pid
+            return view
+        return None
+
+    def free_process_slot(self, view: memoryview) -> None:
+        """*Locked.* Fold a claimed slot into the shared counters and free it."""
+        self._fold(view)
+        view[0] = 0
+        view.release()
+
+    def _fold(self, view: memoryview) -> None:
+        words = self._words
+        words[W_HITS] += view[SLOT_HITS]
+        words[W_MISSES] += view[SLOT_MISSES]
+        words[W_SKIPPED] += view[SLOT_SKIPPED]
+        view[SLOT_HITS] = view[SLOT_MISSES] = view[SLOT_SKIPPED] = 0
+
+    def process_totals(self) -> tuple[int, int, int]:
+        """Sum ``(hits, misses, skipped)`` over the process table."""
+        table = self._words[
+            _PROCESS_TABLE_WORD : _PROCESS_TABLE_WORD + PROCESS_SLOTS * _PROCESS_SLOT_WORDS
+        ]
+        try:
+            return (
+                sum(table[SLOT_HITS :: _PROCESS_SLOT_WORDS]),
+                sum(table[SLOT_MISSES :: _PROCESS_SLOT_WORDS]),
+                sum(table[SLOT_SKIPPED :: _PROCESS_SLOT_WORDS]),
+            )
+        finally:
+            table.release()
 
     # -- lock-free reads ------------------------------------------------------
 

@@ -6,6 +6,7 @@ agree on is derived from SHA-256 here instead.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from typing import Final
@@ -34,6 +35,7 @@ def key_digest(prompt: str, llm_string: str) -> bytes:
     ).digest()
 
 
+@functools.lru_cache(maxsize=256)  # an app uses a handful of model configurations
 def llm_string_hash(llm_string: str) -> int:
     """Return a 64-bit hash of ``llm_string``, used by ``clear(llm_string=...)``."""
     return int.from_bytes(hashlib.sha256(b"llm\x00" + _utf8(llm_string)).digest()[:8], "little")

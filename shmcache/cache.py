@@ -18,7 +18,13 @@ from langchain_core.outputs import Generation
 
 from . import _arena
 from ._arena import CONTENDED, Arena, Contended, Geometry
-from ._codec import CodecError, UnencodableValueError, decode_generations, encode_generations
+from ._codec import (
+    CodecError,
+    CodecVersionError,
+    UnencodableValueError,
+    decode_generations,
+    encode_generations,
+)
 from ._errors import CacheClosedError, LockTimeoutError, ShmCacheError
 from ._keys import key_digest, llm_string_hash
 from ._lock import SegmentLock
@@ -95,6 +101,9 @@ class SharedMemoryCache(BaseCache):
         >>> set_llm_cache(SharedMemoryCache("myapp"))  # doctest: +SKIP
     """
 
+    # This process's slot in the segment's counter table (None until claimed).
+    _counts: memoryview | None
+
     def __init__(
         self,
         name: str,
@@ -141,6 +150,12 @@ class SharedMemoryCache(BaseCache):
                 self._path, actual, size_bytes, self._name,
             )
         self._reset_local_counts()
+        if self._lock.acquire(self._lock_timeout):
+            try:
+                self._arena.repair()
+                self._counts = self._arena.claim_process_slot(os.getpid())
+            finally:
+                self._lock.release()
         self._last_warning: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
         _OPEN_CACHES.add(self)
@@ -154,6 +169,9 @@ class SharedMemoryCache(BaseCache):
         return f"shmcache {verb} {self._name}{directory}"
 
     def _reset_local_counts(self) -> None:
+        # Until this process has a slot in the segment's counter table (see
+        # _arena), counts wait here and are flushed under the lock.
+        self._counts = None
         self._hits = 0
         self._misses = 0
         self._skipped = 0
@@ -201,7 +219,11 @@ class SharedMemoryCache(BaseCache):
 
     def _skip(self, kind: str, message: str, *args: object) -> None:
         """Count a skipped update and warn, at most once per interval per kind."""
-        self._skipped += 1
+        counts = self._counts
+        if counts is not None:
+            counts[_arena.SLOT_SKIPPED] += 1
+        else:
+            self._skipped += 1
         now = time.monotonic()
         if now - self._last_warning.get(kind, -math.inf) < _WARNING_INTERVAL_S:
             self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
@@ -212,16 +234,25 @@ class SharedMemoryCache(BaseCache):
         logger.warning("shmcache %r: update not stored: " + message + suffix, self._name, *args)
 
     def _flush_locked(self, arena: Arena) -> None:
-        """*Locked.* Add this process's pending counts to the shared counters."""
-        hits, misses, skipped = self._hits, self._misses, self._skipped
-        self._hits = self._misses = self._skipped = 0
-        arena.add_counter(_arena.W_HITS, hits)
-        arena.add_counter(_arena.W_MISSES, misses)
-        arena.add_counter(_arena.W_SKIPPED, skipped)
+        """*Locked.* Move counts kept in the process into the segment."""
+        if self._counts is None:
+            self._counts = arena.claim_process_slot(os.getpid())
+        if self._hits or self._misses or self._skipped:
+            hits, misses, skipped = self._hits, self._misses, self._skipped
+            self._hits = self._misses = self._skipped = 0
+            counts = self._counts
+            if counts is not None:
+                counts[_arena.SLOT_HITS] += hits
+                counts[_arena.SLOT_MISSES] += misses
+                counts[_arena.SLOT_SKIPPED] += skipped
+            else:
+                arena.add_counter(_arena.W_HITS, hits)
+                arena.add_counter(_arena.W_MISSES, misses)
+                arena.add_counter(_arena.W_SKIPPED, skipped)
         self._next_flush = time.monotonic() + _FLUSH_INTERVAL_S
 
     def _maybe_flush(self, arena: Arena) -> None:
-        if time.monotonic() < self._next_flush:
+        if self._counts is not None or time.monotonic() < self._next_flush:
             return
         self._next_flush = time.monotonic() + _FLUSH_INTERVAL_S
         if self._lock.try_acquire():  # never wait just to publish counts
@@ -232,19 +263,25 @@ class SharedMemoryCache(BaseCache):
                 self._lock.release()
 
     def _result(self, arena: Arena, value: memoryview | None) -> list[Generation] | None:
-        if value is None:
-            self._misses += 1
+        generations = None
+        if value is not None:
+            try:
+                generations = decode_generations(value)
+            except CodecVersionError:
+                pass  # written by another release (rolling upgrade): a plain miss
+            except CodecError as exc:
+                # The record passed its crc, so this is a codec bug or a foreign writer.
+                logger.error("shmcache %r: undecodable entry treated as a miss: %s",
+                             self._name, exc)
+        counts = self._counts
+        if counts is not None:
+            counts[_arena.SLOT_MISSES if generations is None else _arena.SLOT_HITS] += 1
+        else:
+            if generations is None:
+                self._misses += 1
+            else:
+                self._hits += 1
             self._maybe_flush(arena)
-            return None
-        try:
-            generations = decode_generations(value)
-        except CodecError as exc:
-            # The record passed its crc, so this is a codec bug or a foreign writer.
-            logger.error("shmcache %r: undecodable entry treated as a miss: %s", self._name, exc)
-            self._misses += 1
-            return None
-        self._hits += 1
-        self._maybe_flush(arena)
         return generations
 
     def _prepare(
@@ -458,12 +495,13 @@ class SharedMemoryCache(BaseCache):
         while active).
         """
         arena = self._open_arena()
+        hits, misses, skipped = arena.process_totals()
         return CacheStats(
-            hits=arena.counter(_arena.W_HITS) + self._hits,
-            misses=arena.counter(_arena.W_MISSES) + self._misses,
+            hits=arena.counter(_arena.W_HITS) + hits + self._hits,
+            misses=arena.counter(_arena.W_MISSES) + misses + self._misses,
             updates=arena.counter(_arena.W_UPDATES),
             evictions=arena.counter(_arena.W_EVICTIONS),
-            skipped=arena.counter(_arena.W_SKIPPED) + self._skipped,
+            skipped=arena.counter(_arena.W_SKIPPED) + skipped + self._skipped,
             entries=arena.counter(_arena.W_ENTRIES),
             used_bytes=arena.counter(_arena.W_USED),
             size_bytes=arena.geometry.size_bytes,
@@ -492,6 +530,9 @@ class SharedMemoryCache(BaseCache):
     def flush(self) -> bool:
         """Publish this process's pending hit/miss/skip counts now.
 
+        Counts normally go straight to this process's slot in the segment; they
+        wait in the process only while every slot is taken.
+
         Returns:
             True if they were published, False if the lock was not had in time.
         """
@@ -515,14 +556,31 @@ class SharedMemoryCache(BaseCache):
         if mapped is None:
             return
         try:
-            if self._hits or self._misses or self._skipped:
-                self.flush()
+            self._detach_counts()
         finally:
             self._mapped = None
             _OPEN_CACHES.discard(self)
+            if self._counts is not None:
+                self._counts.release()  # the mapping cannot close while viewed
+                self._counts = None
             self._arena.release()
             self._lock.close()
             mapped.close()
+
+    def _detach_counts(self) -> None:
+        """Fold this process's counts into the shared counters and free its slot."""
+        if not (self._counts is not None or self._hits or self._misses or self._skipped):
+            return
+        if not self._lock.acquire(self._lock_timeout):
+            return  # a claimed slot stays and is still summed; it is freed later
+        try:
+            self._arena.repair()
+            self._flush_locked(self._arena)
+            if self._counts is not None:
+                self._arena.free_process_slot(self._counts)
+                self._counts = None
+        finally:
+            self._lock.release()
 
     def unlink(self) -> None:
         """Remove the segment file (before or after :meth:`close`).

@@ -174,3 +174,24 @@ def _try_lock_in_child(cache: SharedMemoryCache) -> bool:
         cache._lock.release()
         return True
     return False
+
+
+def _count_then_die(cache: SharedMemoryCache) -> None:
+    cache.update("p", "llm", [Generation(text="v")])
+    for _ in range(7):
+        cache.lookup("p", "llm")
+    cache.lookup("absent", "llm")
+    os._exit(0)  # no close, no atexit: what a terminated pool worker does
+
+
+def test_counts_of_a_process_that_never_closed_are_in_stats(make_cache: CacheFactory) -> None:
+    cache = make_cache("slots")
+    child = _ctx("fork").Process(target=_count_then_die, args=(cache,))
+    child.start()
+    child.join(CHILD_TIMEOUT_S)
+    assert child.exitcode == 0
+    stats = cache.stats()
+    assert (stats.hits, stats.misses, stats.updates) == (7, 1, 1)
+    # Its slot is reclaimed (folded, not lost) once the table needs it.
+    others = [make_cache("slots") for _ in range(3)]
+    assert all(other.stats().hits == 7 for other in others)
