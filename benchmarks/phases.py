@@ -1,0 +1,389 @@
+"""Measurement phases; each function runs inside a fresh worker process.
+
+Timing: ``time.perf_counter_ns`` around batches of ``cfg.batch`` operations; the
+reported figure is the median over batches of the per-operation time in µs.  Key
+strings are built before each batch starts, so only cache calls are timed.
+Throughput phases run for a fixed duration after a barrier and report their own
+monotonic start/end (``perf_counter_ns`` is CLOCK_MONOTONIC: comparable across
+processes), so the parent computes aggregate ops/s over the union of the windows.
+"""
+
+from __future__ import annotations
+
+import functools
+import pickle
+import random
+import resource
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from langchain_core.caches import BaseCache
+from langchain_core.outputs import Generation
+
+from benchmarks import workload as wl
+from benchmarks.peers import PeerSpec, close_cache, open_cache
+
+
+@dataclass(frozen=True)
+class PhaseConfig:
+    """What a phase works on; identical in every process of one measurement.
+
+    Attributes:
+        entries: Chat entries written, under ``prompt(0) .. prompt(entries - 1)``.
+        plain_entries: Plain ``Generation`` entries, under ``plain_prompt(i)``.
+        sample: Timed lookups per lookup phase (and timed updates in ``update_more``).
+        batch: Operations per timed batch.
+        duration_s: Length of each throughput window.
+        windows: Throughput windows per measurement (the parent takes the median).
+        seed: Seed of the key sampling.
+        value_bytes: ``None`` for the standard ~1 KB chat value; else the text length
+            of the (size-curve) chat value.
+        llm: The llm_string, built by LangChain in the parent (see ``wl.llm_string``).
+    """
+
+    entries: int
+    plain_entries: int
+    sample: int
+    batch: int
+    duration_s: float
+    windows: int = 3
+    seed: int = 1234
+    value_bytes: int | None = None
+    llm: str = field(default_factory=wl.llm_string)
+
+
+_SIZED_VARIANTS = 4
+
+
+@functools.lru_cache(maxsize=_SIZED_VARIANTS)
+def _sized(variant: int, value_bytes: int) -> list[Any]:
+    return wl.sized_value(variant, value_bytes)
+
+
+def value_for(cfg: PhaseConfig, i: int) -> list[Any]:
+    """The value stored under ``prompt(i)`` in this configuration."""
+    if cfg.value_bytes is None:
+        return wl.chat_value(i)
+    return _sized(i % _SIZED_VARIANTS, cfg.value_bytes)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size, in MB (``ru_maxrss`` is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _time_lookups(
+    cache: BaseCache, prompts: Sequence[str], cfg: PhaseConfig
+) -> tuple[list[float], int]:
+    """Per-op µs of each batch of lookups, and how many returned ``None``."""
+    llm, batch = cfg.llm, cfg.batch
+    lookup = cache.lookup
+    per_op: list[float] = []
+    missing = 0
+    for chunk in wl.batches(prompts, batch):
+        t0 = time.perf_counter_ns()
+        for p in chunk:
+            if lookup(p, llm) is None:
+                missing += 1
+        per_op.append((time.perf_counter_ns() - t0) / len(chunk) / 1000)
+    return per_op, missing
+
+
+def _time_updates(
+    cache: BaseCache,
+    indices: Sequence[int],
+    key: Callable[[int], str],
+    value: Callable[[int], Any],
+    cfg: PhaseConfig,
+) -> list[float]:
+    """Per-op µs of each batch of updates of ``key(i) -> value(i)``."""
+    llm, batch = cfg.llm, cfg.batch
+    update = cache.update
+    per_op: list[float] = []
+    for chunk in wl.batches(indices, batch):
+        items = [(key(i), value(i)) for i in chunk]
+        t0 = time.perf_counter_ns()
+        for p, v in items:
+            update(p, llm, v)
+        per_op.append((time.perf_counter_ns() - t0) / len(items) / 1000)
+    return per_op
+
+
+def _stats(cache: BaseCache) -> dict[str, int] | None:
+    """shmcache's ``stats()`` as a dict (``None`` for other caches)."""
+    stats = getattr(cache, "stats", None)
+    if stats is None:
+        return None
+    import dataclasses
+
+    return {k: int(v) for k, v in dataclasses.asdict(stats()).items()}
+
+
+def phase_baseline() -> dict[str, Any]:
+    """Peak RSS of a worker that only imported LangChain and built the workload."""
+    wl.prompt(0)
+    wl.chat_value(0)
+    return {"rss_mb": peak_rss_mb()}
+
+
+def phase_write(spec: PeerSpec, cfg: PhaseConfig) -> dict[str, Any]:
+    """Writer: insert every entry, timing each batch (update µs on a growing store)."""
+    cache = open_cache(spec)
+    try:
+        t0 = time.perf_counter()
+        chat = _time_updates(
+            cache, range(cfg.entries), wl.prompt, functools.partial(value_for, cfg), cfg
+        )
+        plain = _time_updates(cache, range(cfg.plain_entries), wl.plain_prompt, wl.plain_value, cfg)
+        out: dict[str, Any] = {
+            "update_us": _median(chat),
+            "update_plain_us": _median(plain),
+            "populate_s": time.perf_counter() - t0,
+            "stats": _stats(cache),
+        }
+        if hasattr(cache, "oversize_skips"):
+            out["oversize_skips"] = cache.oversize_skips()
+    finally:
+        close_cache(cache)
+    out["rss_mb"] = peak_rss_mb()
+    return out
+
+
+def phase_hit(spec: PeerSpec, cfg: PhaseConfig) -> dict[str, Any]:
+    """A reader that is not the writer: look up stored keys in random order."""
+    chat_prompts = [wl.prompt(i) for i in wl.sample(cfg.entries, cfg.sample, cfg.seed)]
+    plain_n = min(cfg.sample, cfg.plain_entries)
+    plain_prompts = [wl.plain_prompt(i) for i in wl.sample(cfg.plain_entries, plain_n, cfg.seed)]
+    cache = open_cache(spec)
+    try:
+        chat, missing = _time_lookups(cache, chat_prompts, cfg)
+        plain, plain_missing = _time_lookups(cache, plain_prompts, cfg)
+    finally:
+        close_cache(cache)
+    return {
+        "hit_us": _median(chat),
+        "hit_plain_us": _median(plain),
+        "hit_missing": missing + plain_missing,
+        "hit_lookups": len(chat_prompts) + len(plain_prompts),
+        "rss_mb": peak_rss_mb(),
+    }
+
+
+def phase_miss(spec: PeerSpec, cfg: PhaseConfig) -> dict[str, Any]:
+    """Look up keys that were never stored."""
+    prompts = [wl.missing_prompt(i) for i in range(cfg.sample)]
+    cache = open_cache(spec)
+    try:
+        per_op, missing = _time_lookups(cache, prompts, cfg)
+    finally:
+        close_cache(cache)
+    return {
+        "miss_us": _median(per_op),
+        "false_hits": len(prompts) - missing,
+        "rss_mb": peak_rss_mb(),
+    }
+
+
+def phase_update_more(spec: PeerSpec, cfg: PhaseConfig) -> dict[str, Any]:
+    """Insert ``cfg.sample`` new keys into a store already holding ``cfg.entries``."""
+    cache = open_cache(spec)
+    try:
+        start = cfg.entries + cfg.plain_entries + 10_000_000
+        per_op = _time_updates(
+            cache, range(start, start + cfg.sample), wl.prompt,
+            functools.partial(value_for, cfg), cfg,
+        )  # fmt: skip
+        stats = _stats(cache)
+    finally:
+        close_cache(cache)
+    return {"update_us": _median(per_op), "stats": stats, "rss_mb": peak_rss_mb()}
+
+
+def compare(expected: Sequence[Generation], got: Any) -> str | None:
+    """``None`` if ``got`` equals ``expected`` class for class; else what differs."""
+    if type(got) is not list:
+        return f"lookup returned {type(got).__name__}, not list"
+    if len(got) != len(expected):
+        return f"{len(got)} generations instead of {len(expected)}"
+    for n, (e, g) in enumerate(zip(expected, got, strict=True)):
+        if type(g) is not type(e):
+            return f"generation {n}: {type(g).__name__} instead of {type(e).__name__}"
+        e_msg, g_msg = getattr(e, "message", None), getattr(g, "message", None)
+        if type(g_msg) is not type(e_msg):
+            return f"generation {n}: message {type(g_msg).__name__} not {type(e_msg).__name__}"
+        if e_msg is not None:
+            for name in type(e_msg).model_fields:
+                if getattr(e_msg, name) != getattr(g_msg, name):
+                    return f"generation {n}: message.{name} differs"
+        for name in type(e).model_fields:
+            if name != "message" and getattr(e, name) != getattr(g, name):
+                return f"generation {n}: {name} differs"
+        if g != e:
+            return f"generation {n}: == is False"
+    return None
+
+
+def check_fidelity(cache: BaseCache, cfg: PhaseConfig) -> dict[str, Any]:
+    """Read back chat and plain values; check class-exact equality and fresh objects."""
+    llm = cfg.llm
+    rng = random.Random(cfg.seed + 7)
+    chat_ids = sorted({0, cfg.entries - 1, *(rng.randrange(cfg.entries) for _ in range(6))})
+    plain_ids = sorted({0, cfg.plain_entries - 1}) if cfg.plain_entries else []
+    checks: list[tuple[str, Sequence[Generation]]] = [
+        (wl.prompt(i), value_for(cfg, i)) for i in chat_ids
+    ] + [(wl.plain_prompt(i), wl.plain_value(i)) for i in plain_ids]
+    problems = []
+    for p, expected in checks:
+        problem = compare(expected, cache.lookup(p, llm))
+        if problem:
+            problems.append(problem)
+    # Fresh objects: two lookups give distinct lists and objects, and mutating one
+    # (LangChain sets usage_metadata["total_cost"] = 0 on a hit) leaves the cache as is.
+    p0, expected0 = checks[0]
+    first, second = cache.lookup(p0, llm), cache.lookup(p0, llm)
+    fresh = bool(first) and bool(second) and first is not second and first[0] is not second[0]
+    if first and hasattr(first[0], "message") and first[0].message.usage_metadata is not None:
+        first[0].message.usage_metadata["total_cost"] = 0  # type: ignore[typeddict-unknown-key]
+        fresh = fresh and compare(expected0, cache.lookup(p0, llm)) is None
+    return {
+        "fidelity_ok": not problems,
+        "fidelity_checked": len(checks),
+        "fidelity_problem": problems[0] if problems else None,
+        "fresh_objects": fresh,
+    }
+
+
+def phase_fidelity(spec: PeerSpec, cfg: PhaseConfig) -> dict[str, Any]:
+    """Fidelity check from a process that did not write the values."""
+    cache = open_cache(spec)
+    try:
+        out = check_fidelity(cache, cfg)
+    finally:
+        close_cache(cache)
+    out["rss_mb"] = peak_rss_mb()
+    return out
+
+
+def _run_windows(
+    ops: Sequence[Callable[[], Any]], barrier: Any, cfg: PhaseConfig
+) -> dict[str, Any]:
+    """Run ``ops`` cyclically for ``cfg.windows`` windows of ``cfg.duration_s``.
+
+    Every window starts at ``barrier`` (all concurrent workers together) and reports its
+    own monotonic start, end and op count.
+    """
+    step = 32
+    n_ops = len(ops)
+    windows = []
+    done = 0
+    for _ in range(cfg.windows):
+        barrier.wait()
+        start = time.perf_counter_ns()
+        deadline = start + int(cfg.duration_s * 1e9)
+        ops_in_window = 0
+        now = start
+        while now < deadline:
+            base = done % n_ops
+            chunk = ops[base : base + step]
+            for op in chunk:
+                op()
+            done += len(chunk)
+            ops_in_window += len(chunk)
+            now = time.perf_counter_ns()
+        windows.append({"start_ns": start, "end_ns": now, "ops": ops_in_window})
+    return {"windows": windows, "rss_mb": peak_rss_mb()}
+
+
+def phase_mixed(spec: PeerSpec, cfg: PhaseConfig, barrier: Any, worker: int) -> dict[str, Any]:
+    """One of two concurrent processes: 90% lookups / 10% updates of stored keys."""
+    llm = cfg.llm
+    rng = random.Random(cfg.seed * 31 + worker)
+    cache = open_cache(spec)
+    ops: list[Callable[[], Any]] = []
+    for _ in range(2048):
+        i = rng.randrange(cfg.entries)
+        if rng.random() < 0.1:
+            ops.append(functools.partial(cache.update, wl.prompt(i), llm, value_for(cfg, i)))
+        else:
+            ops.append(functools.partial(cache.lookup, wl.prompt(i), llm))
+    try:
+        return _run_windows(ops, barrier, cfg)
+    finally:
+        close_cache(cache)
+
+
+def phase_reader(spec: PeerSpec, cfg: PhaseConfig, barrier: Any, worker: int) -> dict[str, Any]:
+    """One of N concurrent readers doing lookups of stored keys only."""
+    llm = cfg.llm
+    cache = open_cache(spec)
+    ids = wl.sample(cfg.entries, 2048, cfg.seed * 17 + worker)
+    ops = [functools.partial(cache.lookup, wl.prompt(i), llm) for i in ids]
+    try:
+        return _run_windows(ops, barrier, cfg)
+    finally:
+        close_cache(cache)
+
+
+def phase_inprocess(spec: PeerSpec, cfg: PhaseConfig) -> dict[str, Any]:
+    """``InMemoryCache``: every step in one process (it cannot be shared)."""
+    cache = open_cache(spec)
+    chat = _time_updates(
+        cache, range(cfg.entries), wl.prompt, functools.partial(value_for, cfg), cfg
+    )
+    plain = _time_updates(cache, range(cfg.plain_entries), wl.plain_prompt, wl.plain_value, cfg)
+    hits, missing = _time_lookups(
+        cache, [wl.prompt(i) for i in wl.sample(cfg.entries, cfg.sample, cfg.seed)], cfg
+    )
+    plain_n = min(cfg.sample, cfg.plain_entries)
+    plain_hits, plain_missing = _time_lookups(
+        cache, [wl.plain_prompt(i) for i in wl.sample(cfg.plain_entries, plain_n, cfg.seed)], cfg
+    )
+    misses, _ = _time_lookups(cache, [wl.missing_prompt(i) for i in range(cfg.sample)], cfg)
+    out = {
+        "update_us": _median(chat),
+        "update_plain_us": _median(plain),
+        "hit_us": _median(hits),
+        "hit_plain_us": _median(plain_hits),
+        "hit_missing": missing + plain_missing,
+        "miss_us": _median(misses),
+    }
+    out.update(check_fidelity(cache, cfg))
+    out["rss_mb"] = peak_rss_mb()
+    return out
+
+
+def phase_pickle(cfg: PhaseConfig) -> dict[str, Any]:
+    """Reference: ``pickle.loads``/``dumps`` of the very values the caches store."""
+    chat_blob = pickle.dumps(value_for(cfg, 0), pickle.HIGHEST_PROTOCOL)
+    plain_blob = pickle.dumps(wl.plain_value(0), pickle.HIGHEST_PROTOCOL)
+    loads, dumps = pickle.loads, pickle.dumps
+    proto = pickle.HIGHEST_PROTOCOL
+    value = value_for(cfg, 0)
+
+    def timed(fn: Callable[[], Any]) -> float | None:
+        per_op = []
+        for _ in range(max(1, cfg.sample // cfg.batch)):
+            t0 = time.perf_counter_ns()
+            for _ in range(cfg.batch):
+                fn()
+            per_op.append((time.perf_counter_ns() - t0) / cfg.batch / 1000)
+        return _median(per_op)
+
+    problem = compare(value, loads(chat_blob)) or compare(wl.plain_value(0), loads(plain_blob))
+    return {
+        "hit_us": timed(lambda: loads(chat_blob)),
+        "hit_plain_us": timed(lambda: loads(plain_blob)),
+        "update_us": timed(lambda: dumps(value, proto)),
+        "fidelity_ok": problem is None,
+        "fidelity_problem": problem,
+        "fresh_objects": True,
+        "value_pickle_bytes": len(chat_blob),
+        "rss_mb": peak_rss_mb(),
+    }

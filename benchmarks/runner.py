@@ -1,0 +1,355 @@
+"""Orchestration: run every selected peer through the same phases, then shmcache's curves.
+
+``python -m benchmarks [--quick | --tiny] [--only a,b] [--out DIR]`` — see
+``benchmarks/README.md`` for the method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Final
+
+from benchmarks import phases, report
+from benchmarks import workload as wl
+from benchmarks.peers import (
+    LMDB_FAST,
+    PEER_IDS,
+    SHMCACHE,
+    Capacity,
+    PeerSpec,
+    Skip,
+    estimate_shm_size,
+    prepared,
+    server_peak_rss_mb,
+)
+from benchmarks.procs import CTX, PhaseError, run_concurrent, run_fresh
+
+
+@dataclass(frozen=True)
+class Tier:
+    """Sizes of one run mode (``full``, ``--quick``, ``--tiny``).
+
+    Attributes:
+        name: Mode name, recorded in the results.
+        entries: Chat entries per peer in the side-by-side comparison.
+        plain_entries: Plain-``Generation`` entries per peer.
+        sample: Timed lookups per lookup phase.
+        batch: Operations per timed batch.
+        duration_s: Length of each throughput window (mixed load, readers).
+        windows: Throughput windows per measurement; the median is reported.
+        scale_entries: Entry counts of shmcache's entries curve.
+        value_sizes: Message text sizes (bytes) of shmcache's value-size curve.
+        scale_sample: Timed operations per point of the curves.
+        timeout_s: Upper bound for any single phase.
+    """
+
+    name: str
+    entries: int
+    plain_entries: int
+    sample: int
+    batch: int
+    duration_s: float
+    windows: int
+    scale_entries: tuple[int, ...]
+    value_sizes: tuple[int, ...]
+    scale_sample: int
+    timeout_s: float
+
+
+TIERS: Final = {
+    "full": Tier(
+        "full", entries=5_000, plain_entries=500, sample=5_000, batch=50,
+        duration_s=1.0, windows=5,
+        scale_entries=(1_000, 5_000, 20_000, 100_000, 200_000, 1_000_000),
+        value_sizes=(100, 1_000, 10_000, 100_000, 1_000_000),
+        scale_sample=2_000, timeout_s=420.0,
+    ),
+    "quick": Tier(
+        "quick", entries=2_000, plain_entries=200, sample=2_000, batch=50,
+        duration_s=0.5, windows=3,
+        scale_entries=(1_000, 5_000, 200_000),
+        value_sizes=(100, 1_000, 10_000, 100_000, 1_000_000),
+        scale_sample=1_000, timeout_s=240.0,
+    ),
+    "tiny": Tier(
+        "tiny", entries=200, plain_entries=20, sample=200, batch=20,
+        duration_s=0.1, windows=2,
+        scale_entries=(500,), value_sizes=(10_000,),
+        scale_sample=100, timeout_s=120.0,
+    ),
+}  # fmt: skip
+
+
+def log(msg: str) -> None:
+    """Progress on stderr (stdout carries the final table)."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _peer_config(tier: Tier) -> phases.PhaseConfig:
+    return phases.PhaseConfig(
+        entries=tier.entries,
+        plain_entries=tier.plain_entries,
+        sample=tier.sample,
+        batch=tier.batch,
+        duration_s=tier.duration_s,
+        windows=tier.windows,
+    )
+
+
+def _window_rate(workers: Sequence[dict[str, Any]]) -> tuple[float, list[float]]:
+    """Median aggregate ops/s over the repeated windows of concurrent workers.
+
+    For each window: all workers' ops divided by the union of their time spans.
+    Returns the median and the per-window rates.
+    """
+    rates = []
+    for concurrent in zip(*(w["windows"] for w in workers), strict=True):
+        ops = sum(w["ops"] for w in concurrent)
+        span_ns = max(w["end_ns"] for w in concurrent) - min(w["start_ns"] for w in concurrent)
+        rates.append(ops / (span_ns / 1e9) if span_ns > 0 else 0.0)
+    return statistics.median(rates), rates
+
+
+def measure_peer(spec: PeerSpec, cfg: phases.PhaseConfig, timeout: float) -> dict[str, Any]:
+    """All phases of the side-by-side table for one prepared peer."""
+    if spec.kind == "pickle":
+        return dict(run_fresh(phases.phase_pickle, cfg, timeout=timeout))
+    if spec.kind == "inprocess":
+        res = dict(run_fresh(phases.phase_inprocess, spec, cfg, timeout=timeout))
+        res["mixed_skipped"] = "in-process only: cannot be shared by two processes"
+        return res
+    res: dict[str, Any] = {}
+    rss: list[float] = []
+    for name, func in (
+        ("write", phases.phase_write),
+        ("hit", phases.phase_hit),
+        ("miss", phases.phase_miss),
+        ("fidelity", phases.phase_fidelity),
+    ):
+        log(f"  {spec.peer_id}: {name}")
+        out = run_fresh(func, spec, cfg, timeout=timeout)
+        rss.append(out.pop("rss_mb"))
+        res.update(out)
+    log(f"  {spec.peer_id}: mixed load, 2 processes")
+    barrier = CTX.Barrier(2)
+    windows = run_concurrent(
+        phases.phase_mixed, [(spec, cfg, barrier, w) for w in (0, 1)], timeout=timeout
+    )
+    rss.extend(w["rss_mb"] for w in windows)
+    res["mixed_ops_s"], res["mixed_windows_ops_s"] = _window_rate(windows)
+    res["rss_mb"] = max(rss)
+    res["server_rss_mb"] = server_peak_rss_mb(spec)
+    if "server_version" in spec.options:
+        res["server_version"] = spec.options["server_version"]
+    return res
+
+
+def _capacity(cfg: phases.PhaseConfig, extra: int = 0) -> Capacity:
+    import pickle
+
+    value = phases.value_for(cfg, 0)
+    value_bytes = max(
+        len(pickle.dumps(value, pickle.HIGHEST_PROTOCOL)),
+        len(pickle.dumps(wl.plain_value(0), pickle.HIGHEST_PROTOCOL)),
+    )
+    return Capacity(entries=cfg.entries + cfg.plain_entries + extra, value_bytes=value_bytes)
+
+
+def run_peers(tier: Tier, selected: Sequence[str], tmp_root: str) -> dict[str, Any]:
+    """The side-by-side comparison: one record per peer (measured, skipped or error)."""
+    cfg = _peer_config(tier)
+    results: dict[str, Any] = {}
+    for peer_id in selected:
+        log(f"peer {peer_id}")
+        try:
+            with prepared(peer_id, _capacity(cfg), tmp_root) as spec:
+                results[peer_id] = measure_peer(spec, cfg, tier.timeout_s)
+        except Skip as exc:
+            log(f"  skipped: {exc}")
+            results[peer_id] = {"skipped": str(exc)}
+        except (PhaseError, OSError, ValueError, RuntimeError) as exc:
+            log(f"  error: {exc}")
+            results[peer_id] = {"error": str(exc).strip().splitlines()[-1], "detail": str(exc)}
+    return results
+
+
+def _bytes_per_entry(stats: dict[str, int] | None) -> float | None:
+    if not stats or not stats.get("entries") or not stats.get("used_bytes"):
+        return None
+    return stats["used_bytes"] / stats["entries"]
+
+
+def _curve_point(
+    cfg: phases.PhaseConfig, tier: Tier, tmp_root: str, per_entry: float | None
+) -> dict[str, Any]:
+    """Populate a fresh shmcache with ``cfg`` and time hit / miss / update on it."""
+    cap = _capacity(cfg, extra=cfg.sample)
+    cap.shm_size_bytes = estimate_shm_size(cap, per_entry)
+    with prepared(SHMCACHE, cap, tmp_root) as spec:
+        point: dict[str, Any] = {"size_bytes": spec.options["size"]}
+        write = run_fresh(phases.phase_write, spec, cfg, timeout=tier.timeout_s)
+        point["populate_s"] = write["populate_s"]
+        point["stats_after_write"] = write["stats"]
+        for func in (phases.phase_hit, phases.phase_miss, phases.phase_update_more):
+            out = run_fresh(func, spec, cfg, timeout=tier.timeout_s)
+            out.pop("rss_mb", None)
+            if "stats" in out:
+                point["stats_after_update"] = out.pop("stats")
+            point.update(out)
+    return point
+
+
+def run_entries_curve(tier: Tier, tmp_root: str, per_entry: float | None) -> list[dict[str, Any]]:
+    """shmcache hit/miss/update µs as the number of stored entries grows."""
+    points = []
+    for n in tier.scale_entries:
+        log(f"shmcache entries curve: {n} entries")
+        cfg = phases.PhaseConfig(
+            entries=n, plain_entries=0, sample=min(tier.scale_sample, n), batch=tier.batch,
+            duration_s=tier.duration_s,
+        )  # fmt: skip
+        try:
+            point = _curve_point(cfg, tier, tmp_root, per_entry)
+        except (PhaseError, OSError) as exc:
+            log(f"  error: {exc}")
+            point = {"error": str(exc).strip().splitlines()[-1], "detail": str(exc)}
+        point["entries"] = n
+        points.append(point)
+        per_entry = per_entry or _bytes_per_entry(point.get("stats_after_write"))
+    return points
+
+
+def run_size_curve(tier: Tier, tmp_root: str) -> list[dict[str, Any]]:
+    """shmcache hit/miss/update µs as the value grows from 100 B to 1 MB of text."""
+    import pickle
+
+    points = []
+    for size in tier.value_sizes:
+        log(f"shmcache value-size curve: {size} B")
+        n = max(16, min(1_000, (32 * 1024 * 1024) // size))
+        cfg = phases.PhaseConfig(
+            entries=n, plain_entries=0, sample=max(50, min(tier.scale_sample, 20_000_000 // size)),
+            batch=max(5, min(tier.batch, 5_000_000 // size)), duration_s=tier.duration_s,
+            value_bytes=size,
+        )  # fmt: skip
+        cfg = replace(cfg, sample=min(cfg.sample, n))
+        try:
+            point = _curve_point(cfg, tier, tmp_root, None)
+        except (PhaseError, OSError) as exc:
+            log(f"  error: {exc}")
+            point = {"error": str(exc).strip().splitlines()[-1], "detail": str(exc)}
+        point["value_bytes"] = size
+        point["pickle_bytes"] = len(pickle.dumps(phases.value_for(cfg, 0), pickle.HIGHEST_PROTOCOL))
+        point["entries"] = n
+        points.append(point)
+    return points
+
+
+def run_readers(tier: Tier, peer_id: str, tmp_root: str) -> dict[str, Any]:
+    """Aggregate hit throughput of 1 and then 2 concurrent reader processes."""
+    cfg = replace(_peer_config(tier), plain_entries=0)
+    out: dict[str, Any] = {}
+    log(f"{peer_id}: reader scaling")
+    with prepared(peer_id, _capacity(cfg), tmp_root) as spec:
+        run_fresh(phases.phase_write, spec, cfg, timeout=tier.timeout_s)
+        for readers in (1, 2):
+            barrier = CTX.Barrier(readers)
+            windows = run_concurrent(
+                phases.phase_reader,
+                [(spec, cfg, barrier, w) for w in range(readers)],
+                timeout=tier.timeout_s,
+            )
+            rate, rates = _window_rate(windows)
+            out[f"readers_{readers}_ops_s"] = rate
+            out[f"readers_{readers}_windows_ops_s"] = rates
+    out["scaling"] = out["readers_2_ops_s"] / out["readers_1_ops_s"]
+    return out
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Command-line interface of ``python -m benchmarks``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="shmcache side by side with other LangChain caches and stores.",
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="smaller sizes (~2-3 minutes)")
+    mode.add_argument("--tiny", action="store_true", help="seconds; for the CI smoke test")
+    parser.add_argument(
+        "--only",
+        metavar="NAME,...",
+        help=f"comma-separated peers to run (default: all): {', '.join(PEER_IDS)}",
+    )
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+        help="where results.md, results.json and benchmark.png go (default: %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    if args.only:
+        wanted = [name.strip() for name in args.only.split(",") if name.strip()]
+        unknown = [name for name in wanted if name not in PEER_IDS]
+        if unknown:
+            parser.error(f"unknown peer(s) {', '.join(unknown)}; choose from {', '.join(PEER_IDS)}")
+        args.selected = [p for p in PEER_IDS if p in wanted]
+    else:
+        args.selected = list(PEER_IDS)
+    return args
+
+
+def _shmcache_importable() -> bool:
+    try:
+        import shmcache  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; print the Markdown table and write results to ``--out``."""
+    args = parse_args(argv)
+    tier = TIERS["tiny" if args.tiny else "quick" if args.quick else "full"]
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "tier": asdict(tier),
+        "machine": report.describe_machine(),
+        "workload": wl.describe(),
+        "selected": args.selected,
+    }
+    tmp_root = tempfile.mkdtemp(prefix="shmcache-bench-")
+    try:
+        results["baseline_rss_mb"] = run_fresh(phases.phase_baseline)["rss_mb"]
+        results["peers"] = run_peers(tier, args.selected, tmp_root)
+        shm = results["peers"].get(SHMCACHE, {})
+        if SHMCACHE in args.selected and _shmcache_importable() and "error" not in shm:
+            per_entry = _bytes_per_entry(shm.get("stats"))
+            results["entries_curve"] = run_entries_curve(tier, tmp_root, per_entry)
+            results["size_curve"] = run_size_curve(tier, tmp_root)
+        results["readers"] = {}
+        for peer_id in (SHMCACHE, LMDB_FAST):
+            if peer_id in args.selected and "hit_us" in results["peers"].get(peer_id, {}):
+                try:
+                    results["readers"][peer_id] = run_readers(tier, peer_id, tmp_root)
+                except (PhaseError, Skip, OSError) as exc:
+                    results["readers"][peer_id] = {"error": str(exc).strip().splitlines()[-1]}
+    except Exception:
+        results["fatal"] = traceback.format_exc()
+        log(results["fatal"])
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+    results["elapsed_s"] = time.perf_counter() - started
+    results["machine"]["loadavg_end"] = os.getloadavg()
+    markdown = report.write(results, args.out)
+    print(markdown)
+    log(f"done in {results['elapsed_s']:.0f} s; results in {args.out}")
+    return 1 if "fatal" in results else 0
