@@ -175,7 +175,7 @@ class SharedMemoryCache(BaseCache):
         self._hits = 0
         self._misses = 0
         self._skipped = 0
-        self._next_flush = time.monotonic() + _FLUSH_INTERVAL_S
+        self._next_flush = 0.0  # the first count tries to claim a slot at once
 
     # -- properties -------------------------------------------------------------
 

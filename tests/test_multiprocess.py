@@ -195,3 +195,18 @@ def test_counts_of_a_process_that_never_closed_are_in_stats(make_cache: CacheFac
     # Its slot is reclaimed (folded, not lost) once the table needs it.
     others = [make_cache("slots") for _ in range(3)]
     assert all(other.stats().hits == 7 for other in others)
+
+
+def _read_once(cache: SharedMemoryCache) -> None:
+    cache.lookup("p", "llm")
+    cache.lookup("absent", "llm")
+
+
+def test_a_forked_readers_counts_show_at_once(make_cache: CacheFactory) -> None:
+    """A child's first lookup claims its own counter slot: no flush needed."""
+    cache = make_cache("fresh-slot")
+    cache.update("p", "llm", [Generation(text="v")])
+    with _ctx("fork").Pool(1) as pool:
+        pool.apply(_read_once, (cache,))
+        stats = cache.stats()  # the worker is still alive and never closed
+    assert (stats.hits, stats.misses) == (1, 1)
