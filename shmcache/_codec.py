@@ -88,6 +88,7 @@ __all__ = [
     "CodecVersionError",
     "UnencodableValueError",
     "decode_generations",
+    "decode_verified",
     "encode_generations",
 ]
 
@@ -421,6 +422,8 @@ class _ClassSpec:
     extras_bit: int = field(init=False)
     mask_by_fields_set: dict[frozenset[str], int] = field(default_factory=dict)
     fields_set_by_mask: dict[int, frozenset[str]] = field(default_factory=dict)
+    # Names of the fields that hold a nested message (rebuilt, not taken as data).
+    message_fields: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.width = 3 + len(self.names)
@@ -461,11 +464,13 @@ def _build_spec(tag: int, cls: type[BaseModel]) -> _ClassSpec:
     """Derive a class's spec from its ``model_fields`` (exact, in field order)."""
     encoders: list[_Check] = []
     decoders: list[_Check] = []
+    message_fields: list[str] = []
     layout = [f"{tag}:{cls.__name__}:{cls.model_config.get('extra')}"]
     for name, info in cls.model_fields.items():
         annotation = info.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseMessage):
             encode, decode = _message_field_checks(annotation)
+            message_fields.append(name)
             kind = f"message[{annotation.__name__}]"
         elif (allowed := _literal_values(annotation)) is not None:
             encode = decode = _literal_check(allowed)
@@ -485,6 +490,7 @@ def _build_spec(tag: int, cls: type[BaseModel]) -> _ClassSpec:
         allows_extra=cls.model_config.get("extra") == "allow",
         get_values=_values_getter(tuple(cls.model_fields)),
         layout=",".join(layout),
+        message_fields=tuple(message_fields),
         fast_build=(
             not cls.__pydantic_post_init__
             and not cls.__private_attributes__
@@ -751,6 +757,53 @@ def _decode_object(item: Any, specs_by_tag: dict[int, _ClassSpec]) -> BaseModel:
     _set_slot(obj, "__pydantic_extra__", extras)
     _set_slot(obj, "__pydantic_private__", None)
     return obj
+
+
+def _rebuild_verified(item: Any, specs_by_tag: dict[int, _ClassSpec]) -> BaseModel:
+    """Rebuild one object from an array this module's encoder wrote (unchecked fields)."""
+    spec = specs_by_tag[item[0]]
+    if len(item) != spec.width:
+        raise _Invalid(f"has {len(item)} slots, {spec.cls.__name__} takes {spec.width}")
+    extras = item[2]
+    if extras is None and spec.allows_extra:
+        extras = {}
+    values = dict(zip(spec.names, item[3:]))  # noqa: B905 - width checked above
+    for name in spec.message_fields:
+        values[name] = _rebuild_verified(values[name], _MESSAGE_SPECS_BY_TAG)
+    fields_set = _decode_fields_set(spec, item[1], extras)
+    if not spec.fast_build:
+        return spec.cls.model_construct(fields_set, **values, **(extras or {}))
+    obj = _new_object(spec.cls)
+    _set_slot(obj, "__dict__", values)
+    _set_slot(obj, "__pydantic_fields_set__", fields_set)
+    _set_slot(obj, "__pydantic_extra__", extras)
+    _set_slot(obj, "__pydantic_private__", None)
+    return obj
+
+
+def decode_verified(data: bytes | memoryview) -> list[Generation]:
+    """Rebuild generations from bytes whose integrity the caller has verified.
+
+    The cache's hit path: a record that matched its full key digest, position and
+    crc32 holds exactly what :func:`encode_generations` wrote from validated objects
+    (DESIGN §3), so the per-field shape checks of :func:`decode_generations` are
+    skipped — they cost more than the rest of the hit.  The header (format and
+    layout), class tags, array widths and ``model_fields_set`` masks are still
+    checked, and any failure still raises :class:`CodecError` and nothing else.
+
+    Raises:
+        CodecError: ``data`` is not a valid encoding; :class:`CodecVersionError` if
+            it was written under another format or langchain-core field layout.
+    """
+    try:
+        payload = _unpack(data)
+        return [_rebuild_verified(item, _GENERATION_SPECS_BY_TAG) for item in payload]  # type: ignore[misc]
+    except CodecError:
+        raise
+    except _Invalid as exc:
+        raise CodecError(f"not a valid encoding: {exc.describe('generations')}") from None
+    except Exception as exc:  # wrong shapes surface as KeyError, TypeError, ...
+        raise CodecError(f"not a valid encoding: {type(exc).__name__}: {exc}") from exc
 
 
 def decode_generations(data: bytes | memoryview) -> list[Generation]:

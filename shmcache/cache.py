@@ -22,7 +22,7 @@ from ._codec import (
     CodecError,
     CodecVersionError,
     UnencodableValueError,
-    decode_generations,
+    decode_verified,
     encode_generations,
 )
 from ._errors import CacheClosedError, LockTimeoutError, ShmCacheError
@@ -266,7 +266,8 @@ class SharedMemoryCache(BaseCache):
         generations = None
         if value is not None:
             try:
-                generations = decode_generations(value)
+                # The record matched its key digest, position and crc32.
+                generations = decode_verified(value)
             except CodecVersionError:
                 pass  # written by another release (rolling upgrade): a plain miss
             except CodecError as exc:

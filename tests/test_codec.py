@@ -7,6 +7,7 @@ decode time (truncations, byte flips, random bytes, wrong-shaped msgpack).
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import datetime
 import enum
@@ -58,6 +59,7 @@ from shmcache._codec import (
     UnencodableValueError,
     _build_spec,
     decode_generations,
+    decode_verified,
     encode_generations,
 )
 from shmcache._errors import ShmCacheError
@@ -245,8 +247,11 @@ def assert_same(decoded: list[Generation], original: list[Generation]) -> None:
 
 
 def round_trip(value: list[Generation]) -> list[Generation]:
-    decoded = decode_generations(encode_generations(value))
+    encoded = encode_generations(value)
+    decoded = decode_generations(encoded)
     assert_same(decoded, value)
+    # The cache's hit path (no per-field checks) must rebuild exactly the same.
+    assert_same(decode_verified(encoded), value)
     return decoded
 
 
@@ -1009,3 +1014,39 @@ def test_decode_does_not_share_state_with_the_input_buffer() -> None:
     buffer[:] = b"\x00" * len(buffer)  # the shared-memory slot gets reused
     assert decoded == value
     assert copy.deepcopy(decoded) == value
+
+
+# --------------------------------------------------------------------------- decode_verified
+
+
+def test_verified_decode_returns_fresh_objects() -> None:
+    data = encode_generations([typical_chat_generation()])
+    first, second = decode_verified(data), decode_verified(memoryview(data))
+    assert first == second
+    assert first[0] is not second[0]
+    assert first[0].message is not second[0].message  # type: ignore[attr-defined]
+    assert first[0].message.tool_calls is not second[0].message.tool_calls  # type: ignore[attr-defined]
+
+
+def test_verified_decode_of_truncations_raises_only_codec_error() -> None:
+    for data in sample_encodings():
+        for length in range(len(data)):
+            with contextlib.suppress(CodecError):
+                decode_verified(data[:length])
+
+
+@settings(max_examples=300, deadline=None)
+@given(payload=st.one_of(msgpack_values, st.lists(generation_like, max_size=3)))
+def test_verified_decode_of_random_structures_raises_only_codec_error(payload: Any) -> None:
+    body = msgpack.packb(payload, unicode_errors="surrogatepass")
+    with contextlib.suppress(CodecError):
+        decode_verified(_HEADER + body)
+
+
+def test_verified_decode_checks_header_and_tags() -> None:
+    data = bytearray(encode_generations([Generation(text="x")]))
+    data[0] ^= 0xFF
+    with pytest.raises(CodecVersionError):
+        decode_verified(bytes(data))
+    with pytest.raises(CodecError, match="not a valid encoding"):
+        decode_verified(_HEADER + msgpack.packb([[99, 0, None, "x"]]))
