@@ -53,7 +53,7 @@ logger = logging.getLogger("shmcache")
 
 FORMAT_VERSION: Final = 1
 MAGIC: Final = b"SHMCACHE"
-HEADER_BYTES: Final = 8192
+HEADER_BYTES: Final = 16384
 MIN_SIZE_BYTES: Final = 1 << 20
 
 # Geometry: magic, version, header bytes, size, buckets, slots/bucket, bucket bytes,
@@ -73,13 +73,14 @@ W_SKIPPED: Final = 39
 W_ENTRIES: Final = 40
 W_USED: Final = 41
 
-# Per-process counters: a table of [pid, hits, misses, skipped] slots in the header.
+# Per-process counters: a table of [pid, hits, misses, skipped, ...] slots in the header.
 # Each slot is written only by the process that claimed it, so counting a lookup
 # takes no lock and shows in every process's stats() at once, even if the counting
 # process is later killed.  A slot is folded into the shared counters and freed when
 # its owner closes, or when its owner is found dead and the slot is needed.
 _PROCESS_TABLE_WORD: Final = 128
-_PROCESS_SLOT_WORDS: Final = 4
+# A slot fills a 64-byte cache line, so two processes counting never share a line.
+_PROCESS_SLOT_WORDS: Final = 8
 PROCESS_SLOTS: Final = (HEADER_BYTES // 8 - _PROCESS_TABLE_WORD) // _PROCESS_SLOT_WORDS
 SLOT_HITS: Final = 1
 SLOT_MISSES: Final = 2
