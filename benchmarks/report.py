@@ -205,7 +205,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         _ratio(big.get("hit_us"), small.get("hit_us")),
         1.3,
         True,
-        f"{fmt(big.get('hit_us'))} / {fmt(small.get('hit_us'))} µs",
+        f"{fmt(big.get('hit_us'))} / {fmt(small.get('hit_us'))} µs (second read of the same "
+        f"keys: {fmt(big.get('hit_warm_us'))} / {fmt(small.get('hit_warm_us'))} µs)",
     )
     readers = results.get("readers", {}).get(SHMCACHE, {})
     add("2 reader processes vs 1 (aggregate hits/s)", readers.get("scaling"), 1.6, False,
@@ -228,6 +229,8 @@ def _peer_rows(results: dict[str, Any]) -> list[list[str]]:
             continue
         res = peers[pid]
         label = f"**{LABELS[pid]}**" if pid == SHMCACHE else LABELS[pid]
+        if res.get("rounds_failed"):
+            label += f" ({res['rounds_failed']} round(s) failed, see JSON)"
         if "skipped" in res or "error" in res:
             why = f"skipped: {res['skipped']}" if "skipped" in res else f"error: {res['error']}"
             rows.append([label, why] + [""] * len(COLUMNS))
@@ -287,7 +290,9 @@ def to_markdown(results: dict[str, Any]) -> str:
         f"1 tool call, usage_metadata with token details ({w.get('chat_value_pickle_bytes')} B "
         f"pickled); plain variant `[Generation]` ({w.get('plain_value_pickle_bytes')} B pickled). "
         f"Medians over batches of {tier.get('batch')} ops; {tier.get('sample')} timed lookups "
-        f"per phase; mixed windows {tier.get('duration_s')} s. Baseline worker RSS (LangChain "
+        f"per phase; mixed load: median of {tier.get('windows')} windows of "
+        f"{tier.get('duration_s')} s; each side-by-side figure is the median of "
+        f"{tier.get('rounds')} round(s) over all peers. Baseline worker RSS (LangChain "
         f"imported, nothing cached): {fmt(results.get('baseline_rss_mb'), 'rss_mb')} MB.",
         "",
         "## Side by side",
@@ -299,6 +304,19 @@ def to_markdown(results: dict[str, Any]) -> str:
     ]
     header = ["cache", *(h for _, h, _ in COLUMNS), "fidelity"]
     out += _table(header, _peer_rows(results))
+    busy = [
+        f"{LABELS[pid]} {res['mixed_cpu_share']:.0%}"
+        for pid, res in results.get("peers", {}).items()
+        if isinstance(res.get("mixed_cpu_share"), float) and res["mixed_cpu_share"] < 0.85
+    ]
+    if busy:
+        out += [
+            "",
+            "CPU each mixed-load process got (share of wall time) was below 85% for: "
+            + ", ".join(busy)
+            + ". For a server peer that is time spent waiting on the server; otherwise "
+            "it is time spent waiting for a lock, or other programs on the host.",
+        ]
     out += ["", "## Targets", ""]
     rows = []
     for t in targets(results):
@@ -330,18 +348,22 @@ def _curves_markdown(results: dict[str, Any]) -> list[str]:
         for p in entries:
             st = p.get("stats_after_write") or {}
             if "error" in p:
-                rows.append([f"{p['entries']:,}", f"error: {p['error']}", "", "", "", "", ""])
+                rows.append([f"{p['entries']:,}", f"error: {p['error']}", *[""] * 6])
                 continue
             rows.append([
                 f"{p['entries']:,}", f"{p.get('size_bytes', 0) / 2**20:,.0f}",
                 f"{st.get('entries', '?'):,}" if isinstance(st.get("entries"), int) else "?",
-                str(st.get("evictions", "?")), fmt(p.get("hit_us")), fmt(p.get("miss_us")),
-                fmt(p.get("update_us")),
+                str(st.get("evictions", "?")), fmt(p.get("hit_us")), fmt(p.get("hit_warm_us")),
+                fmt(p.get("miss_us")), fmt(p.get("update_us")),
             ])  # fmt: skip
-        out += _table(
-            ["entries", "size_bytes MiB", "stored", "evictions", "hit µs", "miss µs", "update µs"],
-            rows,
-        )
+        header = ["entries", "size_bytes MiB", "stored", "evictions", "hit µs",
+                  "hit µs (2nd read)", "miss µs", "update µs"]  # fmt: skip
+        out += _table(header, rows)
+        out += [
+            "",
+            "*hit µs* is a fresh process's first read of each key (page faults of the "
+            "mapping included); *2nd read* repeats the same keys in that process.",
+        ]
     sizes = results.get("size_curve") or []
     if sizes:
         out += ["", "## shmcache: value-size curve", ""]
@@ -367,11 +389,21 @@ def _curves_markdown(results: dict[str, Any]) -> list[str]:
             if "error" in r:
                 rows.append([LABELS[pid], f"error: {r['error']}", "", ""])
                 continue
+            share = r.get("cpu_share_2_readers")
             rows.append([
                 LABELS[pid], fmt(r.get("readers_1_ops_s"), "ops_s"),
                 fmt(r.get("readers_2_ops_s"), "ops_s"), f"{r.get('scaling', 0):.2f}{X}",
+                "—" if share is None else f"{share:.0%}",
             ])  # fmt: skip
-        out += _table(["cache", "1 reader", "2 readers", "scaling"], rows)
+        out += _table(
+            ["cache", "1 reader", "2 readers", "scaling", "CPU per reader (2 readers)"], rows
+        )
+        out += [
+            "",
+            "*CPU per reader*: CPU time each reader got during the 2-reader windows, as a "
+            "share of wall time. Well below 100% means other programs held a core, and "
+            "the scaling then measures the host, not the cache.",
+        ]
     return out
 
 
@@ -414,8 +446,13 @@ def plot(results: dict[str, Any], path: str) -> None:
     ax = axes[1][0]
     curve = [p for p in results.get("entries_curve") or [] if "hit_us" in p]
     if curve:
-        for key, name in (("hit_us", "hit"), ("miss_us", "miss"), ("update_us", "update")):
-            ax.plot([p["entries"] for p in curve], [p.get(key) for p in curve], "o-", label=name)
+        for key, name, style in (
+            ("hit_us", "hit (fresh process)", "o-"),
+            ("hit_warm_us", "hit (2nd read)", "o--"),
+            ("miss_us", "miss", "o-"),
+            ("update_us", "update", "o-"),
+        ):
+            ax.plot([p["entries"] for p in curve], [p.get(key) for p in curve], style, label=name)
         ax.set_xscale("log")
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=8)

@@ -46,6 +46,7 @@ class Tier:
         batch: Operations per timed batch.
         duration_s: Length of each throughput window (mixed load, readers).
         windows: Throughput windows per measurement; the median is reported.
+        rounds: Times the side-by-side comparison is repeated (median per figure).
         scale_entries: Entry counts of shmcache's entries curve.
         value_sizes: Message text sizes (bytes) of shmcache's value-size curve.
         scale_sample: Timed operations per point of the curves.
@@ -59,6 +60,7 @@ class Tier:
     batch: int
     duration_s: float
     windows: int
+    rounds: int
     scale_entries: tuple[int, ...]
     value_sizes: tuple[int, ...]
     scale_sample: int
@@ -68,21 +70,21 @@ class Tier:
 TIERS: Final = {
     "full": Tier(
         "full", entries=5_000, plain_entries=500, sample=5_000, batch=50,
-        duration_s=1.0, windows=5,
+        duration_s=1.0, windows=5, rounds=3,
         scale_entries=(1_000, 5_000, 20_000, 100_000, 200_000, 1_000_000),
         value_sizes=(100, 1_000, 10_000, 100_000, 1_000_000),
         scale_sample=2_000, timeout_s=420.0,
     ),
     "quick": Tier(
         "quick", entries=2_000, plain_entries=200, sample=2_000, batch=50,
-        duration_s=0.5, windows=3,
+        duration_s=0.5, windows=3, rounds=1,
         scale_entries=(1_000, 5_000, 200_000),
         value_sizes=(100, 1_000, 10_000, 100_000, 1_000_000),
         scale_sample=1_000, timeout_s=240.0,
     ),
     "tiny": Tier(
         "tiny", entries=200, plain_entries=20, sample=200, batch=20,
-        duration_s=0.1, windows=2,
+        duration_s=0.1, windows=2, rounds=1,
         scale_entries=(500,), value_sizes=(10_000,),
         scale_sample=100, timeout_s=120.0,
     ),
@@ -112,11 +114,23 @@ def _window_rate(workers: Sequence[dict[str, Any]]) -> tuple[float, list[float]]
     Returns the median and the per-window rates.
     """
     rates = []
-    for concurrent in zip(*(w["windows"] for w in workers), strict=True):
+    for window in zip(*(w["windows"] for w in workers), strict=True):
+        concurrent = [w for w in window if w is not None]
         ops = sum(w["ops"] for w in concurrent)
         span_ns = max(w["end_ns"] for w in concurrent) - min(w["start_ns"] for w in concurrent)
         rates.append(ops / (span_ns / 1e9) if span_ns > 0 else 0.0)
     return statistics.median(rates), rates
+
+
+def _cpu_share(workers: Sequence[dict[str, Any]]) -> float:
+    """Median CPU time / wall time of the workers' windows (1.0 = a whole core each)."""
+    shares = [
+        w["cpu_ns"] / (w["end_ns"] - w["start_ns"])
+        for worker in workers
+        for w in worker["windows"]
+        if w is not None and w["end_ns"] > w["start_ns"]
+    ]
+    return statistics.median(shares) if shares else 0.0
 
 
 def measure_peer(spec: PeerSpec, cfg: phases.PhaseConfig, timeout: float) -> dict[str, Any]:
@@ -146,6 +160,7 @@ def measure_peer(spec: PeerSpec, cfg: phases.PhaseConfig, timeout: float) -> dic
     )
     rss.extend(w["rss_mb"] for w in windows)
     res["mixed_ops_s"], res["mixed_windows_ops_s"] = _window_rate(windows)
+    res["mixed_cpu_share"] = _cpu_share(windows)
     res["rss_mb"] = max(rss)
     res["server_rss_mb"] = server_peak_rss_mb(spec)
     if "server_version" in spec.options:
@@ -164,22 +179,61 @@ def _capacity(cfg: phases.PhaseConfig, extra: int = 0) -> Capacity:
     return Capacity(entries=cfg.entries + cfg.plain_entries + extra, value_bytes=value_bytes)
 
 
-def run_peers(tier: Tier, selected: Sequence[str], tmp_root: str) -> dict[str, Any]:
-    """The side-by-side comparison: one record per peer (measured, skipped or error)."""
+def _run_peer_once(peer_id: str, tier: Tier, tmp_root: str) -> dict[str, Any]:
     cfg = _peer_config(tier)
-    results: dict[str, Any] = {}
-    for peer_id in selected:
-        log(f"peer {peer_id}")
-        try:
-            with prepared(peer_id, _capacity(cfg), tmp_root) as spec:
-                results[peer_id] = measure_peer(spec, cfg, tier.timeout_s)
-        except Skip as exc:
-            log(f"  skipped: {exc}")
-            results[peer_id] = {"skipped": str(exc)}
-        except (PhaseError, OSError, ValueError, RuntimeError) as exc:
-            log(f"  error: {exc}")
-            results[peer_id] = {"error": str(exc).strip().splitlines()[-1], "detail": str(exc)}
-    return results
+    load = os.getloadavg()[0]
+    try:
+        with prepared(peer_id, _capacity(cfg), tmp_root) as spec:
+            res = measure_peer(spec, cfg, tier.timeout_s)
+    except Skip as exc:
+        log(f"  skipped: {exc}")
+        return {"skipped": str(exc)}
+    except (PhaseError, OSError, ValueError, RuntimeError) as exc:
+        log(f"  error: {exc}")
+        return {"error": str(exc).strip().splitlines()[-1], "detail": str(exc)}
+    res["loadavg_1min_at_start"] = load
+    return res
+
+
+def merge_rounds(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One record from several rounds: median of each number, all() of each flag.
+
+    A peer skipped or failing in every round keeps the first round's reason; rounds
+    that failed are otherwise left out (and counted in ``rounds_failed``).
+    """
+    good = [r for r in rounds if "skipped" not in r and "error" not in r]
+    if not good:
+        return dict(rounds[0])
+    merged: dict[str, Any] = {}
+    for key in good[0]:
+        values = [r[key] for r in good if key in r]
+        if all(isinstance(v, bool) for v in values):
+            merged[key] = all(values)
+        elif all(isinstance(v, (int, float)) for v in values):
+            merged[key] = statistics.median(values)
+        else:
+            merged[key] = next((v for v in values if v), values[0])
+    if len(rounds) > 1:
+        merged["rounds"] = list(rounds)
+    merged["rounds_failed"] = len(rounds) - len(good)
+    return merged
+
+
+def run_peers(tier: Tier, selected: Sequence[str], tmp_root: str) -> dict[str, Any]:
+    """The side-by-side comparison: one record per peer (measured, skipped or error).
+
+    The whole list is measured ``tier.rounds`` times, round after round, so that a
+    burst of load from elsewhere on the host hits one round of a peer, not all of
+    them; each figure is the median over rounds.
+    """
+    rounds: dict[str, list[dict[str, Any]]] = {p: [] for p in selected}
+    for n in range(tier.rounds):
+        for peer_id in selected:
+            if rounds[peer_id] and "skipped" in rounds[peer_id][0]:
+                continue  # the reason will not change
+            log(f"peer {peer_id} (round {n + 1}/{tier.rounds})")
+            rounds[peer_id].append(_run_peer_once(peer_id, tier, tmp_root))
+    return {p: merge_rounds(r) for p, r in rounds.items()}
 
 
 def _bytes_per_entry(stats: dict[str, int] | None) -> float | None:
@@ -255,24 +309,39 @@ def run_size_curve(tier: Tier, tmp_root: str) -> list[dict[str, Any]]:
 
 
 def run_readers(tier: Tier, peer_id: str, tmp_root: str) -> dict[str, Any]:
-    """Aggregate hit throughput of 1 and then 2 concurrent reader processes."""
+    """Aggregate hit throughput of 1 and 2 concurrent reader processes.
+
+    The two reader processes alternate windows with one and with both of them
+    running, so each 2-reader window is compared with the 1-reader window just before
+    it (load from elsewhere on the host drifts over seconds); the scaling is the
+    median of those pairwise ratios.
+    """
     cfg = replace(_peer_config(tier), plain_entries=0)
-    out: dict[str, Any] = {}
     log(f"{peer_id}: reader scaling")
+    schedule = [1, 2] * tier.windows
     with prepared(peer_id, _capacity(cfg), tmp_root) as spec:
         run_fresh(phases.phase_write, spec, cfg, timeout=tier.timeout_s)
-        for readers in (1, 2):
-            barrier = CTX.Barrier(readers)
-            windows = run_concurrent(
-                phases.phase_reader,
-                [(spec, cfg, barrier, w) for w in range(readers)],
-                timeout=tier.timeout_s,
-            )
-            rate, rates = _window_rate(windows)
-            out[f"readers_{readers}_ops_s"] = rate
-            out[f"readers_{readers}_windows_ops_s"] = rates
-    out["scaling"] = out["readers_2_ops_s"] / out["readers_1_ops_s"]
-    return out
+        barrier = CTX.Barrier(2)
+        workers = run_concurrent(
+            phases.phase_reader,
+            [(spec, cfg, barrier, w, schedule) for w in range(2)],
+            timeout=tier.timeout_s,
+        )
+    rates = [_window_rate([{"windows": [w["windows"][k]]} for w in workers])[0]
+             for k in range(len(schedule))]  # fmt: skip
+    one = [r for r, n in zip(rates, schedule, strict=True) if n == 1]
+    two = [r for r, n in zip(rates, schedule, strict=True) if n == 2]
+    two_reader_windows = [
+        {"windows": [w["windows"][k] for k, n in enumerate(schedule) if n == 2]} for w in workers
+    ]
+    return {
+        "cpu_share_2_readers": _cpu_share(two_reader_windows),
+        "readers_1_ops_s": statistics.median(one),
+        "readers_2_ops_s": statistics.median(two),
+        "readers_1_windows_ops_s": one,
+        "readers_2_windows_ops_s": two,
+        "scaling": statistics.median(b / a for a, b in zip(one, two, strict=True) if a),
+    }
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
