@@ -391,10 +391,16 @@ class SharedMemoryCache(BaseCache):
             TypeError: ``prompt`` or ``llm_string`` is not a ``str``.
             CacheClosedError: the cache was closed.
         """
-        arena = self._open_arena()
-        _check_key(prompt, llm_string)
+        if self._mapped is None:
+            self._open_arena()  # raises CacheClosedError
+        if not (isinstance(prompt, str) and isinstance(llm_string, str)):
+            _check_key(prompt, llm_string)  # raises TypeError
+        arena = self._arena
         digest = key_digest(prompt, llm_string)
         found: memoryview | Contended | None = arena.find(digest, time.time())
+        if found is None and self._counts is not None:
+            self._counts[_arena.SLOT_MISSES] += 1  # the common miss, kept short
+            return None
         if found is CONTENDED:
             # A writer kept changing this bucket: read under the lock (bounded wait).
             found = (
