@@ -110,14 +110,28 @@ class SegmentLock:
         Returns:
             True if the lock is now held, False if the deadline passed first.
         """
-        deadline = time.monotonic() + timeout_s
-        if self._fd < 0 or not self._thread_lock.acquire(timeout=timeout_s):
+        thread_lock = self._thread_lock
+        if thread_lock.acquire(False):  # the uncontended case: no clock, no wait
+            deadline = None
+        else:
+            deadline = time.monotonic() + timeout_s
+            if not thread_lock.acquire(timeout=timeout_s):
+                return False
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            pass
+        except (OSError, ValueError):  # no fd: closed, or the re-open after a fork failed
+            thread_lock.release()
             return False
+        if deadline is None:
+            deadline = time.monotonic() + timeout_s
         backoff = _FIRST_BACKOFF_S
         while not self._try_flock():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                self._thread_lock.release()
+                thread_lock.release()
                 return False
             time.sleep(min(backoff, remaining))
             backoff = min(backoff * 2, _MAX_BACKOFF_S)
