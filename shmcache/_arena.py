@@ -114,6 +114,11 @@ _SEQLOCK_TRIES: Final = 16
 # Positions stay far below 2**64 (centuries of writes at any real rate); one above
 # this can only be damage.
 _MAX_POSITION: Final = 1 << 62
+# Shared words are incremented modulo 2**64: a damaged word near the top must wrap,
+# not raise out of a lookup or an update.
+U64_MASK: Final = (1 << 64) - 1
+# Linux never hands out a pid above this (PID_MAX_LIMIT); a bigger one is damage.
+_MAX_PID: Final = 1 << 22
 
 
 # Test-only fault injection: tests set this (in a throw-away child process) to a
@@ -156,6 +161,8 @@ class Geometry:
 
 
 def _alive(pid: int) -> bool:
+    if pid > _MAX_PID:
+        return False  # damage: no such process can exist
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -241,6 +248,8 @@ class Arena:
         self._log_offset = geometry.log_offset
         self._log_size = geometry.log_size
         self.max_record_bytes = geometry.max_record_bytes
+        # The header as verified at open: check() compares the live one with it.
+        self._header = bytes(mapping[: _GEOMETRY.size + _GEOMETRY_CRC.size])
 
     def release(self) -> None:
         """Drop the views on the mapping so it can be closed."""
@@ -255,7 +264,7 @@ class Arena:
 
     def add_counter(self, word: int, delta: int) -> None:
         """*Locked.* Add ``delta`` (may be negative) to a shared counter."""
-        self._words[word] = max(0, self._words[word] + delta)
+        self._words[word] = max(0, self._words[word] + delta) & U64_MASK
 
     # -- per-process counters -------------------------------------------------
 
@@ -285,10 +294,9 @@ class Arena:
         view.release()
 
     def _fold(self, view: memoryview) -> None:
-        words = self._words
-        words[W_HITS] += view[SLOT_HITS]
-        words[W_MISSES] += view[SLOT_MISSES]
-        words[W_SKIPPED] += view[SLOT_SKIPPED]
+        self.add_counter(W_HITS, view[SLOT_HITS])
+        self.add_counter(W_MISSES, view[SLOT_MISSES])
+        self.add_counter(W_SKIPPED, view[SLOT_SKIPPED])
         view[SLOT_HITS] = view[SLOT_MISSES] = view[SLOT_SKIPPED] = 0
 
     def process_totals(self) -> tuple[int, int, int]:
@@ -443,7 +451,7 @@ class Arena:
         if step_hook:
             step_hook(5)
         self._index(digest, llm_hash, position, length)
-        words[W_UPDATES] += 1
+        self.add_counter(W_UPDATES, 1)
         if step_hook:
             step_hook(7)
 
@@ -491,7 +499,7 @@ class Arena:
         positions = _EIGHT_U64.unpack_from(self._mm, (bucket + _POS_AT) * 8)
         if position in positions:
             self._clear_slot(bucket, positions.index(position))
-            self._words[W_EVICTIONS] += 1
+            self.add_counter(W_EVICTIONS, 1)
 
     def _clear_slot(self, bucket: int, i: int) -> None:
         words = self._words
@@ -505,7 +513,7 @@ class Arena:
         words[bucket + _POS_AT + i] = 0
         words[bucket + _LLM_AT + i] = 0
         self._halves[lens_at + i] = 0
-        words[bucket] = version + 1
+        words[bucket] = (version + 1) & U64_MASK
 
     def _index(self, digest: bytes, llm_hash: int, position: int, length: int) -> None:
         words = self._words
@@ -524,7 +532,7 @@ class Arena:
             positions = _EIGHT_U64.unpack_from(self._mm, (bucket + _POS_AT) * 8)
             i = positions.index(min(positions))
             self._clear_slot(bucket, i)
-            words[W_EVICTIONS] += 1
+            self.add_counter(W_EVICTIONS, 1)
         version = words[bucket] | 1
         words[bucket] = version
         words[bucket + _POS_AT + i] = position
@@ -533,9 +541,9 @@ class Arena:
         words[bucket + _LLM_AT + i] = llm_hash
         self._halves[lens_at + i] = length
         words[bucket + _TAGS_AT + i] = tag
-        words[bucket] = version + 1
-        words[W_ENTRIES] += 1
-        words[W_USED] += length
+        words[bucket] = (version + 1) & U64_MASK
+        self.add_counter(W_ENTRIES, 1)
+        self.add_counter(W_USED, length)
 
     def clear(self) -> None:
         """*Locked*, between :meth:`begin` and :meth:`end`. Remove every entry."""
@@ -580,6 +588,8 @@ class Arena:
         length = self._halves[(bucket * 8 + _LENS_AT_BYTE) // 4 + i]
         if not tail <= position < head:
             return f"points at log position {position}, outside [{tail}, {head})"
+        if position + length > head:
+            return f"points at a record at log position {position} that ends past the head"
         offset = position % self._log_size
         if length < RECORD_HEADER_BYTES or offset + length > self._log_size:
             return f"has impossible length {length}"
@@ -633,7 +643,7 @@ class Arena:
                     entries += 1
                     used += self._halves[(bucket * 8 + _LENS_AT_BYTE) // 4 + i]
             if words[bucket] & 1:
-                words[bucket] += 1
+                words[bucket] = (words[bucket] + 1) & U64_MASK
         words[W_ENTRIES] = entries
         words[W_USED] = used
         words[_W_BUSY] = 0
@@ -642,6 +652,11 @@ class Arena:
         """*Locked.* Check the whole segment; return the problems found (none: [])."""
         words = self._words
         problems: list[str] = []
+        if self._mm[: len(self._header)] != self._header:
+            problems.append(
+                "the segment header (geometry) changed or is damaged; no new process can "
+                "open it: remove it with `shmcache rm NAME`"
+            )
         tail, head = words[_W_TAIL], words[_W_HEAD]
         if not self._log_size <= tail <= head <= tail + self._log_size < _MAX_POSITION:
             problems.append(
@@ -694,4 +709,6 @@ class Arena:
             if zlib.crc32(body) != fields[1]:
                 problems.append(f"record at log position {position} fails its crc")
             position += length
+        if position > head:
+            problems.append(f"the last record ends at log position {position}, past the head")
         return problems

@@ -17,7 +17,7 @@ from langchain_core.caches import BaseCache
 from langchain_core.outputs import Generation
 
 from . import _arena
-from ._arena import CONTENDED, Arena, Contended, Geometry
+from ._arena import CONTENDED, U64_MASK, Arena, Contended, Geometry
 from ._codec import (
     CodecError,
     CodecVersionError,
@@ -221,7 +221,7 @@ class SharedMemoryCache(BaseCache):
         """Count a skipped update and warn, at most once per interval per kind."""
         counts = self._counts
         if counts is not None:
-            counts[_arena.SLOT_SKIPPED] += 1
+            counts[_arena.SLOT_SKIPPED] = (counts[_arena.SLOT_SKIPPED] + 1) & U64_MASK
         else:
             self._skipped += 1
         now = time.monotonic()
@@ -242,9 +242,9 @@ class SharedMemoryCache(BaseCache):
             self._hits = self._misses = self._skipped = 0
             counts = self._counts
             if counts is not None:
-                counts[_arena.SLOT_HITS] += hits
-                counts[_arena.SLOT_MISSES] += misses
-                counts[_arena.SLOT_SKIPPED] += skipped
+                counts[_arena.SLOT_HITS] = (counts[_arena.SLOT_HITS] + hits) & U64_MASK
+                counts[_arena.SLOT_MISSES] = (counts[_arena.SLOT_MISSES] + misses) & U64_MASK
+                counts[_arena.SLOT_SKIPPED] = (counts[_arena.SLOT_SKIPPED] + skipped) & U64_MASK
             else:
                 arena.add_counter(_arena.W_HITS, hits)
                 arena.add_counter(_arena.W_MISSES, misses)
@@ -276,7 +276,8 @@ class SharedMemoryCache(BaseCache):
                              self._name, exc)
         counts = self._counts
         if counts is not None:
-            counts[_arena.SLOT_MISSES if generations is None else _arena.SLOT_HITS] += 1
+            slot = _arena.SLOT_MISSES if generations is None else _arena.SLOT_HITS
+            counts[slot] = (counts[slot] + 1) & U64_MASK
         else:
             if generations is None:
                 self._misses += 1
@@ -399,7 +400,8 @@ class SharedMemoryCache(BaseCache):
         digest = key_digest(prompt, llm_string)
         found: memoryview | Contended | None = arena.find(digest, time.time())
         if found is None and self._counts is not None:
-            self._counts[_arena.SLOT_MISSES] += 1  # the common miss, kept short
+            # The common miss, kept short.
+            self._counts[_arena.SLOT_MISSES] = (self._counts[_arena.SLOT_MISSES] + 1) & U64_MASK
             return None
         if found is CONTENDED:
             # A writer kept changing this bucket: read under the lock (bounded wait).
