@@ -144,7 +144,8 @@ def _must_be_named(before: bytes, after: bytes, layout: Layout, offsets: list[in
     busy word (it only makes the next writer re-check the index), bucket padding, the
     fields of unused slots, bytes outside the live log or after a value inside its
     aligned record, a bucket version left even, log bounds moved to other consistent
-    values (harmless to answers; one such case is a known gap, see the xfail test).
+    values (harmless to answers; a head moved back inside the last record is named
+    since 07a0956, see its regression test, but not required here).
     """
     for offset in offsets:
         in_bounds_words = HEAD_AT <= offset < TAIL_AT + 8
@@ -231,27 +232,6 @@ def _draw_hit(
     return offset, patch[: g.size_bytes - offset]
 
 
-def _known_overflow_bait(data: bytes, geometry: arena_mod.Geometry) -> bool:
-    """Whether damage left a word that trips the known overflow bugs (see the xfail
-    tests below): a counter, per-process count or bucket version within 2**32 of
-    2**64 (the next ``+= 1`` raises ValueError), or a per-process pid >= 2**31
-    (``os.kill`` raises OverflowError at open)."""
-    near_max = (1 << 64) - (1 << 32)
-    words = [_U64.unpack_from(data, 8 * w)[0] for w in range(geometry.index_offset // 8)]
-    if any(words[w] >= near_max for w in range(arena_mod.W_HITS, arena_mod.W_USED + 1)):
-        return True
-    table = words[arena_mod._PROCESS_TABLE_WORD :]
-    slot_words = arena_mod._PROCESS_SLOT_WORDS
-    if any(pid >= 1 << 31 for pid in table[::slot_words]):
-        return True
-    if any(count >= near_max for i, count in enumerate(table) if i % slot_words):
-        return True
-    return any(
-        _U64.unpack_from(data, bucket)[0] >= near_max
-        for bucket in range(geometry.index_offset, geometry.log_offset, arena_mod.BUCKET_BYTES)
-    )
-
-
 # -- property tests -----------------------------------------------------------------
 
 _example_numbers = iter(range(1 << 30))
@@ -335,8 +315,6 @@ def test_random_damage_never_gives_a_wrong_answer(
         for offset, patch in hits:
             poke(cache.path, offset, patch)
         after = Path(cache.path).read_bytes()
-        # Known bugs, each with its own strict-xfail test: keep them out of the way.
-        assume(not _known_overflow_bait(after, layout.geometry))
         changed = sorted({
             i for offset, patch in hits for i in range(offset, offset + len(patch))
             if before[i] != after[i]
@@ -434,7 +412,7 @@ def test_header_damaged_beyond_use(tmp_path: Path, damage: str) -> None:
         fresh.unlink()
 
 
-# -- known bugs (strict xfail: they pass once fixed) ---------------------------------
+# -- regressions: bugs these tests found (fixed in shmcache 07a0956) ------------------
 
 
 def _bucket_of_new_key(cache: SharedMemoryCache, prompt: str) -> int:
@@ -446,15 +424,14 @@ ALL_ONES = b"\xff" * 8
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(
-    strict=True, raises=ValueError,
-    reason="BUG: shared u64 words are incremented without wrapping; a damaged word at "
-    "2**64-1 makes `+= 1` raise ValueError (memoryview 'Q') out of update/lookup/close",
-)
 @pytest.mark.parametrize("target", ["bucket-version", "entries-counter", "updates-counter"])
 def test_update_after_a_word_damaged_to_all_ones(tmp_path: Path, target: str) -> None:
     """An update after a bucket version or a counter word was set to 2**64-1 stores
-    (or skips) without raising."""
+    (or skips) without raising.
+
+    Regression: shared u64 words were incremented without wrapping, so ``+= 1`` raised
+    ValueError (memoryview 'Q') out of update/lookup/close.
+    """
     cache = _filled_cache(tmp_path)
     try:
         at = {
@@ -471,13 +448,11 @@ def test_update_after_a_word_damaged_to_all_ones(tmp_path: Path, target: str) ->
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(
-    strict=True, raises=ValueError,
-    reason="BUG: this process's hit counter slot at 2**64-1 makes lookup raise "
-    "ValueError (no exception may escape lookup)",
-)
 def test_lookup_after_own_counter_slot_damaged(tmp_path: Path) -> None:
-    """A lookup after this process's hit counter was set to 2**64-1 does not raise."""
+    """A lookup after this process's hit counter was set to 2**64-1 does not raise.
+
+    Regression: the counter's ``+= 1`` raised ValueError out of lookup.
+    """
     cache = _filled_cache(tmp_path)
     try:
         table = arena_mod._PROCESS_TABLE_WORD
@@ -496,15 +471,13 @@ def test_lookup_after_own_counter_slot_damaged(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(
-    strict=True, raises=OverflowError,
-    reason="BUG: a damaged pid word (>= 2**31) in the per-process counter table makes "
-    "every later open raise OverflowError from os.kill (not a ShmCacheError; nobody "
-    "can attach until the segment is removed)",
-)
 def test_open_after_damaged_counter_table_pid(tmp_path: Path) -> None:
     """Opening a segment whose counter table holds a bogus pid works (the slot is
-    treated as dead or skipped)."""
+    treated as dead or skipped).
+
+    Regression: ``os.kill(pid >= 2**31, 0)`` raised OverflowError at every open, so no
+    process could attach until the segment was removed.
+    """
     cache = _filled_cache(tmp_path)
     cache.close()
     try:
@@ -516,14 +489,12 @@ def test_open_after_damaged_counter_table_pid(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: check() does not notice a log head moved back inside the last record "
-    "(the walk may end past head; slots are not checked against position+length<=head); "
-    "the lost entry is a silent miss and the next update makes check() report crc damage",
-)
 def test_check_names_a_log_head_moved_back(tmp_path: Path) -> None:
-    """Moving the head word back 8 bytes (still consistent with the tail) is damage."""
+    """Moving the head word back 8 bytes (still consistent with the tail) is damage.
+
+    Regression: check() returned [] (the last entry silently lost) and only reported
+    crc damage after the next update overwrote that record's end.
+    """
     cache = _filled_cache(tmp_path)
     try:
         head = int.from_bytes(peek(cache.path, HEAD_AT, 8), "little")
@@ -536,14 +507,12 @@ def test_check_names_a_log_head_moved_back(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: cache.check() (documented as what `shmcache check` runs) does not "
-    "re-verify the header geometry of an open segment; the CLI does (it re-opens), so "
-    "a long-running monitor calling check() misses a header no new process can open",
-)
 def test_check_in_an_open_cache_names_damaged_geometry(tmp_path: Path) -> None:
-    """Damage to the geometry bytes of an open segment is named by ``check()``."""
+    """Damage to the geometry bytes of an open segment is named by ``check()``.
+
+    Regression: cache.check() did not re-verify the live header (the CLI did, as it
+    re-opens), so a monitor calling check() missed a header no new process can open.
+    """
     cache = _filled_cache(tmp_path)
     try:
         poke(cache.path, 40, b"\xff")
