@@ -63,8 +63,10 @@ class MappedFile:
 
     def close(self) -> None:
         """Unmap and close the file."""
-        self.mapping.close()
-        os.close(self.fd)
+        try:
+            self.mapping.close()
+        finally:
+            os.close(self.fd)
 
 
 def check_name(name: object) -> str:
@@ -258,7 +260,8 @@ def open_or_create(
     except FileNotFoundError:
         pass
     directory, base = os.path.split(path)
-    lock = filelock.FileLock(os.path.join(directory, f".{base}.lock"), mode=_PRIVATE_FILE_MODE)
+    lock_path = os.path.join(directory, f".{base}.lock")
+    lock = filelock.FileLock(lock_path, mode=_PRIVATE_FILE_MODE)
     try:
         with lock.acquire(timeout=_CREATE_LOCK_TIMEOUT_S):
             try:
@@ -267,8 +270,14 @@ def open_or_create(
                 pass
             temp_prefix = f".{base}.tmp-"
             _remove_stale_temps(directory, temp_prefix)
-            return _create(path, os.path.join(directory, f"{temp_prefix}{os.getpid()}"),
-                           size_bytes, min_size, initialise)
+            try:
+                return _create(path, os.path.join(directory, f"{temp_prefix}{os.getpid()}"),
+                               size_bytes, min_size, initialise)
+            except BaseException:
+                # Leave nothing behind (os.link keeps creation atomic without it).
+                with contextlib.suppress(OSError):
+                    os.unlink(lock_path)
+                raise
     except filelock.Timeout as exc:
         raise ShmCacheError(
             f"timed out waiting for another process to create {path}"

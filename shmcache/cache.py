@@ -135,12 +135,16 @@ class SharedMemoryCache(BaseCache):
             _arena.HEADER_BYTES,
             lambda mapping: _arena.initialise(mapping, geometry),
         )
+        arena = None
         try:
-            self._arena = Arena(mapped.mapping, self._read_geometry(mapped))
+            arena = Arena(mapped.mapping, self._read_geometry(mapped))
             self._lock = SegmentLock(self._path, mapped.fd)
         except BaseException:
+            if arena is not None:
+                arena.release()  # the mapping cannot close while viewed
             mapped.close()
             raise
+        self._arena = arena
         self._mapped: MappedFile | None = mapped
         actual = self._arena.geometry.size_bytes
         if not mapped.created and actual != size_bytes:

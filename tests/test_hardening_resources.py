@@ -88,11 +88,6 @@ def _refused(directory: Path, name: str, size: int) -> bool:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a creation refused for lack of space leaves the creation lock file "
-    "`.NAME.v1.shm.lock` behind (0 bytes; `shmcache rm NAME` says there is no cache)",
-)
 def test_full_tmpfs_leaves_no_file_at_all(small_tmpfs: Path) -> None:
     """After SegmentSpaceError the directory holds nothing of that name."""
     directory = small_tmpfs / "segments"
@@ -173,13 +168,6 @@ def _open_with_few_fds() -> int:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: with 2 fds free, opening an existing segment raises BufferError "
-    "('cannot close exported pointers exist') instead of OSError and leaks an fd and "
-    "the mapping: SharedMemoryCache.__init__ closes the mapping while the Arena's "
-    "memoryviews still export it (SegmentLock's re-open failed with EMFILE)",
-)
 def test_open_with_fds_nearly_exhausted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Near the fd limit an open either works or fails cleanly, leaking nothing."""
     with SharedMemoryCache("few", directory=tmp_path, size_bytes=MIB) as cache:
