@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _samples import CacheFactory, chat_generation, text_generations
 from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.outputs import ChatGeneration, Generation, GenerationChunk
 
@@ -20,9 +21,6 @@ from shmcache import (
     SharedMemoryCache,
     ShmCacheError,
 )
-
-from _samples import chat_generation, text_generations
-from _samples import CacheFactory
 
 
 def test_hit_returns_new_list_of_fresh_equal_objects(cache: SharedMemoryCache) -> None:
