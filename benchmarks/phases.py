@@ -295,8 +295,8 @@ def _run_windows(
             straight to the next barrier and reports ``None`` for that window).
 
     Returns:
-        ``windows``: per window, this worker's monotonic start/end, op count and CPU
-        time (CPU time well below the window's length means the host was busy).
+        ``windows``: per window, this worker's monotonic start/end, op count, CPU
+        time and voluntary context switches (sleeps: lock back-off, I/O, a server).
     """
     schedule = [True] * cfg.windows if active is None else list(active)
     step = 32
@@ -308,6 +308,7 @@ def _run_windows(
         if not runs:
             windows.append(None)
             continue
+        waits_start = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
         cpu_start = time.process_time_ns()
         start = time.perf_counter_ns()
         deadline = start + int(cfg.duration_s * 1e9)
@@ -322,7 +323,11 @@ def _run_windows(
             ops_in_window += len(chunk)
             now = time.perf_counter_ns()
         cpu_ns = time.process_time_ns() - cpu_start
-        windows.append({"start_ns": start, "end_ns": now, "ops": ops_in_window, "cpu_ns": cpu_ns})
+        waits = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw - waits_start
+        windows.append(
+            {"start_ns": start, "end_ns": now, "ops": ops_in_window, "cpu_ns": cpu_ns,
+             "voluntary_waits": waits}
+        )  # fmt: skip
     return {"windows": windows, "rss_mb": peak_rss_mb()}
 
 

@@ -304,18 +304,18 @@ def to_markdown(results: dict[str, Any]) -> str:
     ]
     header = ["cache", *(h for _, h, _ in COLUMNS), "fidelity"]
     out += _table(header, _peer_rows(results))
-    busy = [
-        f"{LABELS[pid]} {res['mixed_cpu_share']:.0%}"
+    diag = [
+        f"{LABELS[pid]} {res['mixed_cpu_share']:.0%} / {res.get('mixed_waits_per_kop', 0):.1f}"
         for pid, res in results.get("peers", {}).items()
-        if isinstance(res.get("mixed_cpu_share"), float) and res["mixed_cpu_share"] < 0.85
+        if isinstance(res.get("mixed_cpu_share"), float)
     ]
-    if busy:
+    if diag:
         out += [
             "",
-            "CPU each mixed-load process got (share of wall time) was below 85% for: "
-            + ", ".join(busy)
-            + ". For a server peer that is time spent waiting on the server; otherwise "
-            "it is time spent waiting for a lock, or other programs on the host.",
+            "Mixed load, CPU share of each process / voluntary sleeps per 1,000 ops: "
+            + "; ".join(diag)
+            + ". A CPU share well below 100% with few sleeps means other programs held a "
+            "core; many sleeps mean waiting (lock back-off, a server, I/O).",
         ]
     out += ["", "## Targets", ""]
     rows = []

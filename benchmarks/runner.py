@@ -161,6 +161,9 @@ def measure_peer(spec: PeerSpec, cfg: phases.PhaseConfig, timeout: float) -> dic
     rss.extend(w["rss_mb"] for w in windows)
     res["mixed_ops_s"], res["mixed_windows_ops_s"] = _window_rate(windows)
     res["mixed_cpu_share"] = _cpu_share(windows)
+    ops = sum(w["ops"] for worker in windows for w in worker["windows"])
+    waits = sum(w["voluntary_waits"] for worker in windows for w in worker["windows"])
+    res["mixed_waits_per_kop"] = 1000 * waits / ops if ops else 0.0
     res["rss_mb"] = max(rss)
     res["server_rss_mb"] = server_peak_rss_mb(spec)
     if "server_version" in spec.options:
