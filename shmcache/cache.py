@@ -56,10 +56,8 @@ _ASYNC_MAX_BACKOFF_S: Final = 2e-3
 _OPEN_CACHES: weakref.WeakSet[SharedMemoryCache] = weakref.WeakSet()
 
 
-def _check_number(name: str, value: object, *, allow_none: bool = False) -> float | None:
-    """Validate a positive, finite number argument."""
-    if value is None and allow_none:
-        return None
+def _check_seconds(name: str, value: object) -> float:
+    """Validate a positive, finite number of seconds."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, not {type(value).__name__}")
     if not (value > 0 and math.isfinite(value)):
@@ -120,10 +118,8 @@ class SharedMemoryCache(BaseCache):
             raise ValueError(
                 f"size_bytes must be at least {MIN_SIZE_BYTES} (1 MiB), got {size_bytes}"
             )
-        self._ttl = _check_number("ttl", ttl, allow_none=True)
-        timeout = _check_number("lock_timeout", lock_timeout)
-        assert timeout is not None  # allow_none=False never returns None
-        self._lock_timeout = timeout
+        self._ttl = None if ttl is None else _check_seconds("ttl", ttl)
+        self._lock_timeout = _check_seconds("lock_timeout", lock_timeout)
         self._requested_size = size_bytes
         self._directory_arg = None if directory is None else os.fspath(directory)
         directory_path = resolve_directory(directory, create=True)
