@@ -447,10 +447,10 @@ def plot(results: dict[str, Any], path: str) -> None:
     curve = [p for p in results.get("entries_curve") or [] if "hit_us" in p]
     if curve:
         for key, name, style in (
-            ("hit_us", "hit (fresh process)", "o-"),
-            ("hit_warm_us", "hit (2nd read)", "o--"),
-            ("miss_us", "miss", "o-"),
-            ("update_us", "update", "o-"),
+            ("hit_us", "hit (fresh process)", "C0o-"),
+            ("hit_warm_us", "hit (2nd read)", "C0o--"),
+            ("miss_us", "miss", "C1o-"),
+            ("update_us", "update", "C2o-"),
         ):
             ax.plot([p["entries"] for p in curve], [p.get(key) for p in curve], style, label=name)
         ax.set_xscale("log")
