@@ -1050,3 +1050,32 @@ def test_verified_decode_checks_header_and_tags() -> None:
         decode_verified(bytes(data))
     with pytest.raises(CodecError, match="not a valid encoding"):
         decode_verified(_HEADER + msgpack.packb([[99, 0, None, "x"]]))
+
+
+def test_chat_generation_text_is_stored_once() -> None:
+    content = "a long answer " * 200
+    generation = ChatGeneration(message=AIMessage(content=content))
+    assert len(encode_generations([generation])) < len(content) + 200
+    decoded = round_trip([generation])
+    assert decoded[0].text == content
+
+
+def test_chat_generation_text_that_differs_from_content_is_kept() -> None:
+    message = AIMessage(content="the content")
+    odd = ChatGeneration.model_construct(text="another text", message=message)
+    blocks = ChatGeneration(message=AIMessage(content=[{"type": "text", "text": "hi"}]))
+    assert round_trip([odd])[0].text == "another text"
+    assert round_trip([blocks])[0].text == "hi"
+
+
+def test_missing_text_with_block_content_is_rejected() -> None:
+    generation = ChatGeneration(message=AIMessage(content=[{"type": "text", "text": "hi"}]))
+    payload = msgpack.unpackb(encode_generations([generation])[len(_HEADER) :])
+    text_slot = 3 + list(ChatGeneration.model_fields).index("text")
+    assert payload[0][text_slot] == "hi"
+    payload[0][text_slot] = None
+    data = _HEADER + msgpack.packb(payload)
+    with pytest.raises(CodecError, match="message content is not a str"):
+        decode_generations(data)
+    with pytest.raises(CodecError, match="message content is not a str"):
+        decode_verified(data)
