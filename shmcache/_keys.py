@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import struct
-from typing import Final
+from typing import Any, Final
 
 __all__ = ["DIGEST_BYTES", "key_digest", "llm_string_hash", "split_digest"]
 
@@ -23,16 +23,29 @@ def _utf8(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
+# SHA-256 states already fed one llm_string: an app uses a handful of model
+# configurations, each ~0.5-1 KB, so hashing each once and copying the state halves
+# the cost of a key.  Bounded: emptied when it grows past this many.
+_PREFIX_STATES: dict[str, Any] = {}
+_PREFIX_STATES_MAX: Final = 256
+
+
 def key_digest(prompt: str, llm_string: str) -> bytes:
     """Return the 256-bit digest that identifies the entry ``(prompt, llm_string)``.
 
-    The prompt's byte length is framed in front, so ``("ab", "c")`` and
+    The llm_string's byte length is framed in front, so ``("ab", "c")`` and
     ``("a", "bc")`` never collide.
     """
-    prompt_bytes = _utf8(prompt)
-    return hashlib.sha256(
-        len(prompt_bytes).to_bytes(8, "little") + prompt_bytes + _utf8(llm_string)
-    ).digest()
+    state = _PREFIX_STATES.get(llm_string)
+    if state is None:
+        llm_bytes = _utf8(llm_string)
+        state = hashlib.sha256(len(llm_bytes).to_bytes(8, "little") + llm_bytes)
+        if len(_PREFIX_STATES) >= _PREFIX_STATES_MAX:
+            _PREFIX_STATES.clear()
+        _PREFIX_STATES[llm_string] = state
+    digest = state.copy()
+    digest.update(_utf8(prompt))
+    return digest.digest()
 
 
 @functools.lru_cache(maxsize=256)  # an app uses a handful of model configurations
