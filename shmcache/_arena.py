@@ -2,11 +2,12 @@
 
 Layout (all integers little-endian)::
 
-    [header 4 KiB][index: n_buckets x 256 B][log: circular, log_size bytes]
+    [header 16 KiB][index: n_buckets x 256 B][log: circular, log_size bytes]
 
 * The **header** holds the immutable geometry (covered by a crc32, so damage is
   detected at open) followed by shared 64-bit words: log head and tail, the pid of
-  a writer in progress, and the statistics counters.
+  a writer in progress, the statistics counters, and a table of per-process
+  counter slots.
 * The **index** is set-associative: a key's digest picks a bucket of
   ``SLOTS_PER_BUCKET`` slots; each slot holds a 64-bit tag, the record's log
   position, its length and a hash of its llm_string (for ``clear(llm_string=)``).
