@@ -452,7 +452,7 @@ class Arena:
         if step_hook:
             step_hook(5)
         self._index(digest, llm_hash, position, length)
-        self.add_counter(W_UPDATES, 1)
+        words[W_UPDATES] = (words[W_UPDATES] + 1) & U64_MASK
         if step_hook:
             step_hook(7)
 
@@ -522,10 +522,11 @@ class Arena:
         bucket = self._bucket_word(seed)
         lens_at = (bucket * 8 + _LENS_AT_BYTE) // 4
         tags = _EIGHT_U64.unpack_from(self._mm, (bucket + _TAGS_AT) * 8)
+        new_entries = 1
         if tag in tags:
             i = tags.index(tag)  # replacing: the old record becomes dead space
             self.add_counter(W_USED, -self._halves[lens_at + i])
-            self.add_counter(W_ENTRIES, -1)
+            new_entries = 0
         elif 0 in tags:
             i = tags.index(0)
         else:
@@ -543,8 +544,8 @@ class Arena:
         self._halves[lens_at + i] = length
         words[bucket + _TAGS_AT + i] = tag
         words[bucket] = (version + 1) & U64_MASK
-        self.add_counter(W_ENTRIES, 1)
-        self.add_counter(W_USED, length)
+        words[W_ENTRIES] = (words[W_ENTRIES] + new_entries) & U64_MASK
+        words[W_USED] = (words[W_USED] + length) & U64_MASK
 
     def clear(self) -> None:
         """*Locked*, between :meth:`begin` and :meth:`end`. Remove every entry."""
