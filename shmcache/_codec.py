@@ -694,20 +694,11 @@ def _unpack(data: bytes | memoryview) -> Any:
             f"this process reads format {FORMAT_VERSION} / layout {_HEADER[1:].hex()} "
             "(another shmcache or langchain-core version); treat it as a miss"
         )
-    body = view[_HEADER_LEN:]
-    limit = body.nbytes
+    # unpackb's defaults already bound every length by the input's size (no
+    # allocation beyond it), refuse non-str keys and give lists; each keyword
+    # passed costs time on the hit path.
     return msgpack.unpackb(
-        body,
-        raw=False,
-        use_list=True,
-        strict_map_key=True,
-        unicode_errors="surrogatepass",
-        ext_hook=_reject_ext,
-        max_str_len=limit,
-        max_bin_len=limit,
-        max_array_len=limit,
-        max_map_len=limit,
-        max_ext_len=limit,
+        view[_HEADER_LEN:], unicode_errors="surrogatepass", ext_hook=_reject_ext
     )
 
 
