@@ -129,6 +129,18 @@ _MAX_PID: Final = 1 << 22
 step_hook: Callable[[int], None] | None = None
 
 
+# This process's pid, kept current across fork (os.getpid() is a system call).
+_pid = os.getpid()
+
+
+def _update_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_update_pid)
+
+
 class Contended:
     """Returned by :meth:`Arena.find` when a bucket kept changing under the reader."""
 
@@ -400,7 +412,7 @@ class Arena:
     def begin(self) -> None:
         """*Locked.* Repair what a dead writer left, then mark a write in progress."""
         self.repair()
-        self._words[_W_BUSY] = os.getpid()
+        self._words[_W_BUSY] = _pid
         if step_hook:
             step_hook(1)
 

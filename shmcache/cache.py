@@ -291,7 +291,9 @@ class SharedMemoryCache(BaseCache):
     ) -> tuple[bytes, int, bytes, float] | None:
         """Validate and encode an update; None if it is skipped."""
         _check_key(prompt, llm_string)
-        if isinstance(return_val, (str, bytes)) or not isinstance(return_val, Sequence):
+        if type(return_val) is not list and (  # LangChain passes a list: skip the ABC check
+            isinstance(return_val, (str, bytes)) or not isinstance(return_val, Sequence)
+        ):
             raise TypeError(
                 f"return_val must be a sequence of Generation, not {type(return_val).__name__}"
             )
