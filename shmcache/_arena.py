@@ -263,6 +263,21 @@ class Arena:
         self.max_record_bytes = geometry.max_record_bytes
         # The header as verified at open: check() compares the live one with it.
         self._header = bytes(mapping[: _GEOMETRY.size + _GEOMETRY_CRC.size])
+        self._prefault(0, geometry.log_offset)
+
+    def _prefault(self, start: int, end: int) -> None:
+        """Map the pages of ``[start, end)`` into this process now.
+
+        A new process's first touch of each page costs a page fault; the index is
+        6 % of the segment and every lookup reads it, so its faults are taken once
+        here (~0.1 ms per MiB) rather than one per lookup.  Log pages fault lazily.
+        """
+        view = memoryview(self._mm)
+        try:
+            for offset in range(start, end, mmap.PAGESIZE):
+                view[offset]  # the read is the point: it maps the page
+        finally:
+            view.release()
 
     def release(self) -> None:
         """Drop the views on the mapping so it can be closed."""
