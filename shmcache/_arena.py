@@ -450,7 +450,8 @@ class Arena:
         The caller has checked ``record_bytes(len(value)) <= max_record_bytes``.
         """
         words = self._words
-        length = self.record_bytes(len(value))
+        hook = step_hook  # read once: this is the write path
+        length = _align(RECORD_HEADER_BYTES + len(value))
         position = words[_W_HEAD]
         offset = position % self._log_size
         if offset + length > self._log_size:
@@ -461,8 +462,8 @@ class Arena:
             offset = 0
         else:
             self._make_room(position + length)
-        if step_hook:
-            step_hook(2)
+        if hook:
+            hook(2)
         body = _RECORD.pack(
             _RECORD_MAGIC, 0, position, length, len(value), expires, llm_hash, digest
         )
@@ -470,18 +471,18 @@ class Arena:
         start = self._log_offset + offset
         self._mm[start : start + RECORD_HEADER_BYTES] = body
         _U32.pack_into(self._mm, start + 4, crc)
-        if step_hook:
-            step_hook(3)
+        if hook:
+            hook(3)
         self._mm[start + RECORD_HEADER_BYTES : start + RECORD_HEADER_BYTES + len(value)] = value
-        if step_hook:
-            step_hook(4)
+        if hook:
+            hook(4)
         words[_W_HEAD] = position + length  # publish: the record is complete
-        if step_hook:
-            step_hook(5)
+        if hook:
+            hook(5)
         self._index(digest, llm_hash, position, length)
         words[W_UPDATES] = (words[W_UPDATES] + 1) & U64_MASK
-        if step_hook:
-            step_hook(7)
+        if hook:
+            hook(7)
 
     def _make_room(self, end_position: int) -> None:
         """Evict from the tail until the log can hold bytes up to ``end_position``."""
@@ -545,8 +546,9 @@ class Arena:
 
     def _index(self, digest: bytes, llm_hash: int, position: int, length: int) -> None:
         words = self._words
-        tag, seed = split_digest(digest)
-        bucket = self._bucket_word(seed)
+        tag, seed = _TWO_U64.unpack_from(digest)
+        tag |= 1  # as split_digest(), inlined
+        bucket = self._index_word + (seed % self._n_buckets) * _BUCKET_WORDS
         lens_at = (bucket * 8 + _LENS_AT_BYTE) // 4
         tags = _EIGHT_U64.unpack_from(self._mm, (bucket + _TAGS_AT) * 8)
         new_entries = 1

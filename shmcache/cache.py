@@ -158,6 +158,8 @@ class SharedMemoryCache(BaseCache):
                 self._lock.release()
         self._last_warning: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
+        # (prompt, llm_string, digest) of this instance's last miss.
+        self._last_miss: tuple[str | None, str | None, bytes] = (None, None, b"")
         _OPEN_CACHES.add(self)
 
     def _read_geometry(self, mapped: MappedFile) -> Geometry:
@@ -318,13 +320,19 @@ class SharedMemoryCache(BaseCache):
             )
             return None
         expires = time.time() + self._ttl if self._ttl is not None else 0.0
-        return key_digest(prompt, llm_string), llm_string_hash(llm_string), payload, expires
+        # LangChain updates with the very str objects it just missed with: reuse
+        # that digest (identity, not equality: it costs nothing and cannot be wrong).
+        prompt_seen, llm_string_seen, digest = self._last_miss
+        if prompt_seen is not prompt or llm_string_seen is not llm_string:
+            digest = key_digest(prompt, llm_string)
+        return digest, llm_string_hash(llm_string), payload, expires
 
     def _store_locked(self, arena: Arena, prepared: tuple[bytes, int, bytes, float]) -> None:
         arena.begin()
         try:
             arena.store(*prepared)
-            self._flush_locked(arena)
+            if self._counts is None or self._hits or self._misses or self._skipped:
+                self._flush_locked(arena)
         finally:
             arena.end()
 
@@ -401,6 +409,8 @@ class SharedMemoryCache(BaseCache):
         arena = self._arena
         digest = key_digest(prompt, llm_string)
         found: memoryview | Contended | None = arena.find(digest, time.time())
+        if found is None:
+            self._last_miss = (prompt, llm_string, digest)  # update() comes next
         if found is None and self._counts is not None:
             # The common miss, kept short.
             self._counts[_arena.SLOT_MISSES] = (self._counts[_arena.SLOT_MISSES] + 1) & U64_MASK
@@ -421,6 +431,8 @@ class SharedMemoryCache(BaseCache):
         _check_key(prompt, llm_string)
         digest = key_digest(prompt, llm_string)
         found: memoryview | Contended | None = arena.find(digest, time.time())
+        if found is None:
+            self._last_miss = (prompt, llm_string, digest)  # aupdate() comes next
         if found is CONTENDED:
             found = self._find_locked(arena, digest) if await self._acquire_async() else None
         assert not isinstance(found, Contended)

@@ -369,3 +369,13 @@ async def test_async_methods(cache: SharedMemoryCache) -> None:
         await cache.aupdate("p", "l", "not a list")  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         await cache.aclear(bogus=1)
+
+
+def test_update_after_a_miss_stores_under_its_own_key(cache: SharedMemoryCache) -> None:
+    prompt, llm = "the prompt", "the llm"
+    assert cache.lookup(prompt, llm) is None
+    cache.update("another prompt", llm, text_generations("other"))  # not the missed key
+    assert cache.lookup(prompt, llm) is None
+    cache.update(prompt, llm, text_generations("mine"))  # the very objects that missed
+    assert cache.lookup(prompt, llm) == text_generations("mine")
+    assert cache.lookup("another prompt", llm) == text_generations("other")
