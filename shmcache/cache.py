@@ -235,6 +235,9 @@ class SharedMemoryCache(BaseCache):
         suffix = f" ({suppressed} similar warnings suppressed)" if suppressed else ""
         logger.warning("shmcache %r: update not stored: " + message + suffix, self._name, *args)
 
+    def _skip_lock_timeout(self) -> None:
+        self._skip("lock-timeout", "lock not had within lock_timeout=%ss", self._lock_timeout)
+
     def _flush_locked(self, arena: Arena) -> None:
         """*Locked.* Move counts kept in the process into the segment."""
         if self._counts is None:
@@ -455,7 +458,7 @@ class SharedMemoryCache(BaseCache):
         if prepared is None:
             return
         if not self._lock.acquire(self._lock_timeout):
-            self._skip("lock-timeout", "lock not had within lock_timeout=%ss", self._lock_timeout)
+            self._skip_lock_timeout()
             return
         try:
             self._store_locked(arena, prepared)
@@ -471,7 +474,7 @@ class SharedMemoryCache(BaseCache):
         if prepared is None:
             return
         if not await self._acquire_async():
-            self._skip("lock-timeout", "lock not had within lock_timeout=%ss", self._lock_timeout)
+            self._skip_lock_timeout()
             return
         try:
             self._store_locked(arena, prepared)

@@ -34,13 +34,8 @@ class ChildTimeout(AssertionError):
     """A child process did not finish before its deadline (a hang)."""
 
 
-@contextlib.contextmanager
-def forked(target: Callable[[], int]) -> Iterator[int]:
-    """Fork a child that runs ``target`` and ``os._exit``s with its return value.
-
-    Yields the child's pid; on exit the child is SIGKILLed if still alive and
-    reaped, so a failing test never leaves it behind.
-    """
+def fork_child(target: Callable[[], int]) -> int:
+    """Fork a child that runs ``target`` and ``os._exit``s with its return value."""
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         code = 1
@@ -53,6 +48,17 @@ def forked(target: Callable[[], int]) -> Iterator[int]:
             code = 99
         finally:
             os._exit(code)
+    return pid
+
+
+@contextlib.contextmanager
+def forked(target: Callable[[], int]) -> Iterator[int]:
+    """Fork a child that runs ``target`` and ``os._exit``s with its return value.
+
+    Yields the child's pid; on exit the child is SIGKILLed if still alive and
+    reaped, so a failing test never leaves it behind.
+    """
+    pid = fork_child(target)
     try:
         yield pid
     finally:
@@ -166,18 +172,7 @@ class Children:
 
     def spawn(self, target: Callable[[], int]) -> int:
         """Fork a child that runs ``target`` and ``os._exit``s with its return value."""
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child
-            code = 1
-            try:
-                code = target()
-            except BaseException:
-                import traceback
-
-                traceback.print_exc()
-                code = 99
-            finally:
-                os._exit(code)
+        pid = fork_child(target)
         self.pids.add(pid)
         return pid
 
