@@ -356,15 +356,17 @@ class Arena:
         tag, seed = _TWO_U64.unpack_from(digest)
         tag |= 1  # as split_digest(), inlined: this is the hot path
         bucket = self._index_word + (seed % self._n_buckets) * _BUCKET_WORDS
-        if tag not in _EIGHT_U64.unpack_from(self._mm, (bucket + _TAGS_AT) * 8):
+        tags = _EIGHT_U64.unpack_from(self._mm, (bucket + _TAGS_AT) * 8)
+        if tag not in tags:
             return None  # absence needs no consistency check
+        # A key keeps its slot while it is replaced; should the slot be reused for
+        # another key meanwhile, the record's digest check turns it into a miss.
+        i = tags.index(tag)
         words = self._words
         for _ in range(_SEQLOCK_TRIES):
             version = words[bucket]
-            tags = _EIGHT_U64.unpack_from(self._mm, (bucket + _TAGS_AT) * 8)
-            if version & 1 or tag not in tags:
+            if version & 1:
                 continue
-            i = tags.index(tag)
             position = words[bucket + _POS_AT + i]
             length = self._halves[(bucket * 8 + _LENS_AT_BYTE) // 4 + i]
             if words[bucket] == version:
