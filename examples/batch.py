@@ -51,8 +51,8 @@ def _init_worker(cache: SharedMemoryCache | None, delay_s: float, calls_file: st
     set_llm_cache(cache)
     if cache is not None:
         # Pool workers leave through os._exit(), which skips atexit; a
-        # multiprocessing finalizer still runs, so the worker's hit/miss counts
-        # reach the shared stats before it goes.
+        # multiprocessing finalizer still runs, so the worker detaches cleanly
+        # and frees its counter slot (its counts are already in the segment).
         multiprocessing.util.Finalize(None, cache.close, exitpriority=10)
     _model = SlowEchoChatModel(delay_s=delay_s, calls_file=calls_file)
 
@@ -160,7 +160,7 @@ def run_batch(
         except BaseException:
             pool.terminate()
             raise
-        # close+join, not terminate: the workers exit normally and flush their stats.
+        # close+join, not terminate: the workers exit normally and detach.
         pool.close()
         pool.join()
         seconds = time.monotonic() - started

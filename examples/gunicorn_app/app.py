@@ -65,7 +65,7 @@ def open_cache() -> SharedMemoryCache:
 
 
 def close_cache() -> None:
-    """Detach this process from the cache, flushing its hit/miss counts."""
+    """Detach this process from the cache (its counts stay in the shared stats)."""
     global _cache
     if _cache is not None:
         set_llm_cache(None)

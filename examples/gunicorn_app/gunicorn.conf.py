@@ -50,7 +50,7 @@ def post_fork(server: Any, worker: Any) -> None:
 
 
 def worker_exit(server: Any, worker: Any) -> None:
-    """Close the cache on the way out, so this worker's hit/miss counts are flushed."""
+    """Close the cache on the way out: the worker detaches and frees its counter slot."""
     app = sys.modules.get("app")
     if app is not None:
         app.close_cache()
