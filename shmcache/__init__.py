@@ -14,6 +14,7 @@ from ._errors import (
     SegmentCorruptError,
     SegmentFormatError,
     SegmentPermissionError,
+    SegmentReplacedError,
     SegmentSpaceError,
     ShmCacheError,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "SegmentCorruptError",
     "SegmentFormatError",
     "SegmentPermissionError",
+    "SegmentReplacedError",
     "SegmentSpaceError",
     "SharedMemoryCache",
     "ShmCacheError",

@@ -110,6 +110,8 @@ _RECORD_MAGIC: Final = 0x31434552  # b"REC1"
 _PAD_MAGIC: Final = 0x31444150  # b"PAD1": the rest of the lap is unused
 _U32: Final = struct.Struct("<I")
 _ALIGN: Final = 8
+# Record lengths are stored as u32.
+_MAX_RECORD_BYTES: Final = (1 << 32) - _ALIGN
 # A reader retries the lock-free path this often before falling back to the lock.
 _SEQLOCK_TRIES: Final = 16
 # Positions stay far below 2**64 (centuries of writes at any real rate); one above
@@ -170,7 +172,7 @@ class Geometry:
     @property
     def max_record_bytes(self) -> int:
         """The largest record (header included) one entry may take."""
-        return self.log_size // 2
+        return min(self.log_size // 2, _MAX_RECORD_BYTES)
 
 
 def _alive(pid: int) -> bool:
@@ -232,7 +234,7 @@ def read_geometry(mapping: mmap.mmap, path: str, fix_hint: str) -> Geometry:
         and header_bytes == HEADER_BYTES
         and slots == SLOTS_PER_BUCKET
         and bucket_bytes == BUCKET_BYTES
-        and size_bytes == len(mapping)
+        and size_bytes - size_bytes % 8 == len(mapping)  # see mapped_length()
         and index_offset == HEADER_BYTES
         and log_offset == HEADER_BYTES + n_buckets * BUCKET_BYTES
         and log_size > 0
@@ -644,6 +646,29 @@ class Arena:
             return f"has a wrong llm_string hash for its record at log position {position}"
         return None
 
+    def _resync_slot(self, bucket: int, i: int) -> None:
+        """*Locked.* Take a half-written slot's length and llm hash from its record.
+
+        A writer replacing a key points the slot at the new, complete record before
+        it writes the slot's other fields; if it died in between, the record tells
+        what the rest should be (and :meth:`_slot_problem` still checks it all).
+        """
+        words = self._words
+        position = words[bucket + _POS_AT + i]
+        offset = position % self._log_size
+        if self._log_size - offset < RECORD_HEADER_BYTES:
+            return
+        magic, _, stored_position, length, _, _, llm, _ = _RECORD.unpack_from(
+            self._mm, self._log_offset + offset
+        )
+        if (
+            magic == _RECORD_MAGIC
+            and stored_position == position
+            and RECORD_HEADER_BYTES <= length <= self._log_size - offset
+        ):
+            self._halves[(bucket * 8 + _LENS_AT_BYTE) // 4 + i] = length
+            words[bucket + _LLM_AT + i] = llm
+
     def _recover(self) -> None:
         """*Locked.* Undo the half-done work of a writer that died holding the lock."""
         words = self._words
@@ -669,6 +694,7 @@ class Arena:
                 position = words[bucket + _POS_AT + i]
                 bad = not tail <= position < head
                 if not bad and suspect:
+                    self._resync_slot(bucket, i)
                     bad = self._slot_problem(bucket, i, tail, head) is not None
                 if bad:
                     self._clear_slot(bucket, i)

@@ -13,6 +13,7 @@ __all__ = [
     "SegmentCorruptError",
     "SegmentFormatError",
     "SegmentPermissionError",
+    "SegmentReplacedError",
     "SegmentSpaceError",
     "ShmCacheError",
 ]
@@ -44,3 +45,7 @@ class SegmentFormatError(SegmentCorruptError):
 
 class SegmentSpaceError(ShmCacheError, OSError):
     """The segment could not be created: not enough space in its directory."""
+
+
+class SegmentReplacedError(ShmCacheError, FileNotFoundError):
+    """The segment file this process had open was removed or replaced by another."""

@@ -27,7 +27,7 @@ import time
 import weakref
 from typing import Final
 
-from ._errors import ShmCacheError
+from ._errors import SegmentReplacedError, ShmCacheError
 
 __all__ = ["SegmentLock"]
 
@@ -69,7 +69,7 @@ class SegmentLock:
         stat = os.fstat(new_fd)
         if (stat.st_dev, stat.st_ino) != self._identity:
             os.close(new_fd)
-            raise ShmCacheError(
+            raise SegmentReplacedError(
                 f"segment {self._path} was replaced while this process had it open; "
                 "re-open the cache"
             )
@@ -146,8 +146,11 @@ class SegmentLock:
 
     def release(self) -> None:
         """Release the lock held by this thread."""
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-        self._thread_lock.release()
+        try:
+            if self._fd >= 0:  # closed meanwhile: closing dropped the flock already
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._thread_lock.release()
 
     def close(self) -> None:
         """Close this process's lock fd (idempotent)."""

@@ -15,6 +15,7 @@ import logging
 import mmap
 import os
 import re
+import secrets
 import stat
 import tempfile
 from collections.abc import Callable
@@ -26,7 +27,6 @@ from ._errors import (
     SegmentCorruptError,
     SegmentPermissionError,
     SegmentSpaceError,
-    ShmCacheError,
 )
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "MappedFile",
     "check_name",
     "default_directory",
+    "mapped_length",
     "open_existing",
     "open_or_create",
     "resolve_directory",
@@ -47,9 +48,6 @@ _NAME_RE: Final = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 _OPEN_FLAGS: Final = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
 _PRIVATE_FILE_MODE: Final = 0o600
 _PRIVATE_DIR_MODE: Final = 0o700
-# Creating a segment is rare: filelock's ~200 µs does not matter there, and it keeps
-# a herd of workers starting at once from each building a full-size temp file.
-_CREATE_LOCK_TIMEOUT_S: Final = 30.0
 
 
 class MappedFile:
@@ -67,6 +65,15 @@ class MappedFile:
             self.mapping.close()
         finally:
             os.close(self.fd)
+
+
+def mapped_length(size_bytes: int) -> int:
+    """How much of a ``size_bytes`` file is mapped: whole 64-bit words only.
+
+    The file keeps the exact size asked for; the last few bytes of a size that is
+    not a multiple of 8 are simply not used.
+    """
+    return size_bytes - size_bytes % 8
 
 
 def check_name(name: object) -> str:
@@ -159,6 +166,11 @@ def _open_file(path: str) -> int:
                 f"refusing segment {path}: it is a symbolic link. Remove it or use "
                 "another name or directory"
             ) from exc
+        if exc.errno == errno.EISDIR:
+            raise SegmentPermissionError(
+                f"refusing segment {path}: it is a directory. Remove it or use another "
+                "name or directory"
+            ) from exc
         if exc.errno in (errno.EACCES, errno.EPERM):
             raise SegmentPermissionError(
                 f"cannot open segment {path}: {exc.strerror}. It belongs to someone "
@@ -176,7 +188,9 @@ def _map(path: str, fd: int, created: bool, min_size: int) -> MappedFile:
                 f"remove it with: shmcache rm {_name_of(path)} --directory "
                 f"{os.path.dirname(path)}"
             )
-        mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        mapping = mmap.mmap(
+            fd, mapped_length(size), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+        )
     except BaseException:
         os.close(fd)
         raise
@@ -208,6 +222,10 @@ def _allocate(fd: int, size: int, path: str) -> None:
             chunk = b"\0" * (1 << 20)
             for offset in range(0, size, len(chunk)):
                 os.pwrite(fd, chunk[: size - offset], offset)
+    except OverflowError as exc:
+        raise SegmentSpaceError(
+            errno.EFBIG, f"size_bytes={size} is larger than any file can be; pass a smaller one"
+        ) from exc
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             directory = os.path.dirname(path)
@@ -246,6 +264,7 @@ def open_or_create(
     size_bytes: int,
     min_size: int,
     initialise: Callable[[mmap.mmap], None],
+    wait_s: float,
 ) -> MappedFile:
     """Open the segment at ``path``, creating it with ``initialise`` if missing.
 
@@ -254,34 +273,49 @@ def open_or_create(
         size_bytes: Size of a newly created segment.
         min_size: Smallest size an existing file may have to be mapped.
         initialise: Writes the header of a new, zero-filled mapping.
+        wait_s: The longest wait for another process that is creating it.
     """
     try:
         return open_existing(path, min_size)
     except FileNotFoundError:
         pass
-    directory, base = os.path.split(path)
-    lock_path = os.path.join(directory, f".{base}.lock")
+    lock_path = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
     lock = filelock.FileLock(lock_path, mode=_PRIVATE_FILE_MODE)
     try:
-        with lock.acquire(timeout=_CREATE_LOCK_TIMEOUT_S):
-            try:
-                return open_existing(path, min_size)
-            except FileNotFoundError:
-                pass
-            temp_prefix = f".{base}.tmp-"
-            _remove_stale_temps(directory, temp_prefix)
-            try:
-                return _create(path, os.path.join(directory, f"{temp_prefix}{os.getpid()}"),
-                               size_bytes, min_size, initialise)
-            except BaseException:
-                # Leave nothing behind (os.link keeps creation atomic without it).
-                with contextlib.suppress(OSError):
-                    os.unlink(lock_path)
-                raise
-    except filelock.Timeout as exc:
-        raise ShmCacheError(
-            f"timed out waiting for another process to create {path}"
-        ) from exc
+        lock.acquire(timeout=wait_s)
+    except (filelock.Timeout, OSError) as exc:
+        # The lock only spares a herd of creators from each building a segment;
+        # os.link keeps creation atomic without it.  So a stopped or slow creator
+        # (or a bad lock file) makes us build our own rather than wait any longer.
+        logger.debug("creating %s without the creation lock: %s", path, exc)
+        return _open_or_create_unlocked(path, size_bytes, min_size, initialise)
+    try:
+        return _open_or_create_unlocked(path, size_bytes, min_size, initialise)
+    except BaseException:
+        # Leave nothing behind (os.link keeps creation atomic without it).
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)
+        raise
+    finally:
+        lock.release()
+
+
+def _open_or_create_unlocked(
+    path: str,
+    size_bytes: int,
+    min_size: int,
+    initialise: Callable[[mmap.mmap], None],
+) -> MappedFile:
+    try:
+        return open_existing(path, min_size)
+    except FileNotFoundError:
+        pass
+    directory, base = os.path.split(path)
+    temp_prefix = f".{base}.tmp-"
+    _remove_stale_temps(directory, temp_prefix)
+    # pid first (stale temps are found by it), then a random part for threads.
+    temp_path = os.path.join(directory, f"{temp_prefix}{os.getpid()}.{secrets.token_hex(4)}")
+    return _create(path, temp_path, size_bytes, min_size, initialise)
 
 
 def _create(
@@ -297,7 +331,7 @@ def _create(
     try:
         os.fchmod(fd, _PRIVATE_FILE_MODE)  # whatever the umask says
         _allocate(fd, size_bytes, path)
-        with mmap.mmap(fd, size_bytes, mmap.MAP_SHARED) as mapping:
+        with mmap.mmap(fd, mapped_length(size_bytes), mmap.MAP_SHARED) as mapping:
             initialise(mapping)
         try:
             os.link(temp_path, path)

@@ -42,6 +42,17 @@ __all__ = ["DEFAULT_LOCK_TIMEOUT_S", "DEFAULT_SIZE_BYTES", "SharedMemoryCache"]
 logger = logging.getLogger("shmcache")
 
 DEFAULT_SIZE_BYTES: Final = 32 * 1024 * 1024
+
+
+class _DefaultSize(int):
+    """The default ``size_bytes``, told apart from the same number passed on purpose.
+
+    Attaching to an existing segment of another size warns only when the caller
+    asked for a size.
+    """
+
+
+_DEFAULT_SIZE: Final = _DefaultSize(DEFAULT_SIZE_BYTES)
 MIN_SIZE_BYTES: Final = _arena.MIN_SIZE_BYTES
 DEFAULT_LOCK_TIMEOUT_S: Final = 1.0
 # Hit/miss counts are kept in the process and added to the shared counters at
@@ -106,7 +117,7 @@ class SharedMemoryCache(BaseCache):
         self,
         name: str,
         *,
-        size_bytes: int = DEFAULT_SIZE_BYTES,
+        size_bytes: int = _DEFAULT_SIZE,
         ttl: float | None = None,
         directory: str | os.PathLike[str] | None = None,
         lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S,
@@ -130,6 +141,7 @@ class SharedMemoryCache(BaseCache):
             size_bytes,
             _arena.HEADER_BYTES,
             lambda mapping: _arena.initialise(mapping, geometry),
+            self._lock_timeout,
         )
         arena = None
         try:
@@ -143,11 +155,11 @@ class SharedMemoryCache(BaseCache):
         self._arena = arena
         self._mapped: MappedFile | None = mapped
         actual = self._arena.geometry.size_bytes
-        if not mapped.created and actual != size_bytes:
+        if not mapped.created and actual != size_bytes and type(size_bytes) is not _DefaultSize:
             logger.warning(
                 "segment %s already exists with size_bytes=%d; ignoring size_bytes=%d "
-                "(remove it with `shmcache rm %s` to change its size)",
-                self._path, actual, size_bytes, self._name,
+                "(remove it with `%s` to change its size)",
+                self._path, actual, size_bytes, self._cli_command("rm"),
             )
         self._reset_local_counts()
         if self._lock.acquire(self._lock_timeout):
@@ -414,9 +426,10 @@ class SharedMemoryCache(BaseCache):
         found: memoryview | Contended | None = arena.find(digest, time.time())
         if found is None:
             self._last_miss = (prompt, llm_string, digest)  # update() comes next
-        if found is None and self._counts is not None:
+        counts = self._counts
+        if found is None and counts is not None:
             # The common miss, kept short.
-            self._counts[_arena.SLOT_MISSES] = (self._counts[_arena.SLOT_MISSES] + 1) & U64_MASK
+            counts[_arena.SLOT_MISSES] = (counts[_arena.SLOT_MISSES] + 1) & U64_MASK
             return None
         if found is CONTENDED:
             # A writer kept changing this bucket: read under the lock (bounded wait).
@@ -628,6 +641,7 @@ class SharedMemoryCache(BaseCache):
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # Pickles by name, never by content: the receiver attaches to the segment.
+        self._open_arena()  # a closed cache does not come back to life in a pickle
         return (
             _reopen,
             (self._name, self._directory_arg, self._ttl, self._lock_timeout,
@@ -640,7 +654,7 @@ def _reopen(
     directory: str | None,
     ttl: float | None,
     lock_timeout: float,
-    size_bytes: int = DEFAULT_SIZE_BYTES,
+    size_bytes: int = _DEFAULT_SIZE,
 ) -> SharedMemoryCache:
     return SharedMemoryCache(
         name, size_bytes=size_bytes, ttl=ttl, directory=directory, lock_timeout=lock_timeout

@@ -141,9 +141,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
             print(f"  - {problem}")
         if len(problems) > 50:
             print(f"  ... and {len(problems) - 50} more")
+        where = f" --directory {args.directory}" if args.directory else ""
         print(
-            f"Fix: `shmcache clear {args.name}` empties it; "
-            f"`shmcache rm {args.name}` removes it."
+            f"Fix: `shmcache clear {args.name}{where}` empties it; "
+            f"`shmcache rm {args.name}{where}` removes it."
         )
         return EXIT_DAMAGED
     print(f"ok: {cache.path}: {stats.entries} entries, {stats.used_bytes} bytes in use")

@@ -18,6 +18,8 @@ from shmcache import (
     CacheClosedError,
     CacheStats,
     SegmentCorruptError,
+    SegmentPermissionError,
+    SegmentSpaceError,
     SharedMemoryCache,
     ShmCacheError,
 )
@@ -379,3 +381,42 @@ def test_update_after_a_miss_stores_under_its_own_key(cache: SharedMemoryCache) 
     cache.update(prompt, llm, text_generations("mine"))  # the very objects that missed
     assert cache.lookup(prompt, llm) == text_generations("mine")
     assert cache.lookup("another prompt", llm) == text_generations("other")
+
+
+@pytest.mark.parametrize("size", [(1 << 20) + 1, (1 << 20) + 4, 5_000_002])
+def test_any_size_from_the_minimum_works_and_is_exact(make_cache: CacheFactory, size: int) -> None:
+    cache = make_cache("odd-size", size_bytes=size)
+    cache.update("p", "l", text_generations("v"))
+    assert os.path.getsize(cache.path) == size == cache.stats().size_bytes
+    again = make_cache("odd-size", size_bytes=size)
+    assert again.lookup("p", "l") == text_generations("v")
+    assert again.check() == []
+
+
+def test_default_size_attaches_to_another_size_without_warning(
+    make_cache: CacheFactory, cache_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    make_cache("sized2", size_bytes=2 << 20)
+    with caplog.at_level(logging.WARNING, logger="shmcache"):
+        other = SharedMemoryCache("sized2", directory=cache_dir)
+    assert other.stats().size_bytes == 2 << 20
+    assert caplog.records == []
+    other.close()
+
+
+def test_a_closed_cache_does_not_pickle(cache_dir: Path) -> None:
+    cache = SharedMemoryCache("pickled", directory=cache_dir, size_bytes=1 << 20)
+    cache.close()
+    with pytest.raises(CacheClosedError):
+        pickle.dumps(cache)
+    cache.unlink()
+
+
+def test_odd_things_at_the_segment_path_are_shmcache_errors(cache_dir: Path) -> None:
+    cache_dir.mkdir(mode=0o700)
+    (cache_dir / "isdir.v1.shm").mkdir()
+    with pytest.raises(SegmentPermissionError, match="is a directory"):
+        SharedMemoryCache("isdir", directory=cache_dir)
+    with pytest.raises(SegmentSpaceError, match="larger than any file"):
+        SharedMemoryCache("huge", directory=cache_dir, size_bytes=2**70)
+    assert sorted(p.name for p in cache_dir.iterdir()) == ["isdir.v1.shm"]

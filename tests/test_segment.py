@@ -54,3 +54,39 @@ def test_default_directory_is_used_and_private(make_cache: CacheFactory) -> None
     finally:
         cache.close()
         cache.unlink()
+
+
+def _hold_creation_lock(lock_path: str, ready: int) -> None:
+    import fcntl
+    import time
+
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(ready, b"1")
+    while True:
+        time.sleep(60)  # a stopped creator: only SIGKILL ends this
+
+
+def test_a_stuck_creator_delays_opening_by_at_most_lock_timeout(cache_dir: Path) -> None:
+    import signal
+    import time
+
+    cache_dir.mkdir(mode=0o700)
+    read_fd, write_fd = os.pipe()
+    holder = multiprocessing.get_context("fork").Process(
+        target=_hold_creation_lock, args=(str(cache_dir / ".stuck.v1.shm.lock"), write_fd)
+    )
+    holder.start()
+    try:
+        assert os.read(read_fd, 1) == b"1"
+        started = time.monotonic()
+        cache = SharedMemoryCache("stuck", directory=cache_dir, lock_timeout=0.2)
+        assert time.monotonic() - started < 10  # not the old 30 s wait: a liveness bound
+        assert cache.lookup("p", "l") is None
+        cache.close()
+        cache.unlink()
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        holder.join(10)
+        os.close(read_fd)
+        os.close(write_fd)
