@@ -226,6 +226,16 @@ def _too_deep() -> _Invalid:
     return _Invalid(f"is nested more than {MAX_NESTING_DEPTH} levels deep (or contains itself)")
 
 
+def _check_nested(item: Any, kind: type, depth: int) -> None:
+    """Check a value that is not a plain leaf: a container, or a leaf needing a look."""
+    if kind is dict:
+        _check_dict(item, depth)
+    elif kind is list:
+        _check_list(item, depth)
+    else:
+        _check_leaf(item)
+
+
 def _check_dict(value: dict[Any, Any], depth: int) -> None:
     """Check a free-form dict: ``str`` keys, plain values, bounded depth."""
     if depth >= MAX_NESTING_DEPTH:
@@ -241,12 +251,7 @@ def _check_dict(value: dict[Any, Any], depth: int) -> None:
         if kind in _PLAIN_LEAF_TYPES or (kind is int and _INT_MIN <= item <= _INT_MAX):
             continue
         try:
-            if kind is dict:
-                _check_dict(item, depth)
-            elif kind is list:
-                _check_list(item, depth)
-            else:
-                _check_leaf(item)
+            _check_nested(item, kind, depth)
         except _Invalid as exc:
             exc.path.append(f"[{key!r}]")
             raise
@@ -262,12 +267,7 @@ def _check_list(value: list[Any], depth: int) -> None:
         if kind in _PLAIN_LEAF_TYPES or (kind is int and _INT_MIN <= item <= _INT_MAX):
             continue
         try:
-            if kind is dict:
-                _check_dict(item, depth)
-            elif kind is list:
-                _check_list(item, depth)
-            else:
-                _check_leaf(item)
+            _check_nested(item, kind, depth)
         except _Invalid as exc:
             # Found only on failure, to keep enumerate() off the fast path.
             index = next(i for i, other in enumerate(value) if other is item)
