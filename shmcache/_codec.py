@@ -650,7 +650,9 @@ def encode_generations(generations: Sequence[Generation]) -> bytes:
             ``generations[0].message.additional_kwargs['x'] is a tuple, which would
             come back as a list``.
     """
-    if not isinstance(generations, Sequence) or isinstance(generations, (str, bytes)):
+    if type(generations) is not list and (  # a list needs no ABC check (LangChain's case)
+        not isinstance(generations, Sequence) or isinstance(generations, (str, bytes))
+    ):
         raise UnencodableValueError(
             f"expected a sequence of Generation objects, got {_type_phrase(generations)}"
         )

@@ -314,15 +314,17 @@ class SharedMemoryCache(BaseCache):
             raise TypeError(
                 f"return_val must be a sequence of Generation, not {type(return_val).__name__}"
             )
-        for generation in return_val:
-            if not isinstance(generation, Generation):
-                raise TypeError(
-                    "return_val must be a sequence of Generation; it holds a "
-                    f"{type(generation).__name__}"
-                )
         try:
             payload = encode_generations(return_val)
         except UnencodableValueError as exc:
+            # The codec refuses anything but generations: sort out the caller's type
+            # error from a value that is merely not storable (checked only here).
+            for generation in return_val:
+                if not isinstance(generation, Generation):
+                    raise TypeError(
+                        "return_val must be a sequence of Generation; it holds a "
+                        f"{type(generation).__name__}"
+                    ) from None
             self._skip("unencodable", "%s", exc)
             return None
         arena = self._arena
