@@ -760,6 +760,16 @@ def _decode_object(item: Any, specs_by_tag: dict[int, _ClassSpec]) -> BaseModel:
     fields_set = _decode_fields_set(spec, item[1], extras)
     # Lengths match (checked above); zip's strict= keyword alone costs ~0.15 us here.
     values = dict(zip(spec.names, _run_checks(spec.names, spec.decoders, item[3:])))  # noqa: B905
+    return _build(spec, values, fields_set, extras)
+
+
+def _build(
+    spec: _ClassSpec,
+    values: dict[str, Any],
+    fields_set: set[str],
+    extras: dict[str, Any] | None,
+) -> BaseModel:
+    """Make the object from its field values (both decoders end here)."""
     if spec.text_mirrors_message:
         _restore_text(values)
     if not spec.fast_build:
@@ -784,17 +794,7 @@ def _rebuild_verified(item: Any, specs_by_tag: dict[int, _ClassSpec]) -> BaseMod
     values = dict(zip(spec.names, item[3:]))  # noqa: B905 - width checked above
     for name in spec.message_fields:
         values[name] = _rebuild_verified(values[name], _MESSAGE_SPECS_BY_TAG)
-    if spec.text_mirrors_message:
-        _restore_text(values)
-    fields_set = _decode_fields_set(spec, item[1], extras)
-    if not spec.fast_build:
-        return spec.cls.model_construct(fields_set, **values, **(extras or {}))
-    obj = _new_object(spec.cls)
-    _set_slot(obj, "__dict__", values)
-    _set_slot(obj, "__pydantic_fields_set__", fields_set)
-    _set_slot(obj, "__pydantic_extra__", extras)
-    _set_slot(obj, "__pydantic_private__", None)
-    return obj
+    return _build(spec, values, _decode_fields_set(spec, item[1], extras), extras)
 
 
 def decode_verified(data: bytes | memoryview) -> list[Generation]:
