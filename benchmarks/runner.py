@@ -274,15 +274,22 @@ def run_entries_curve(tier: Tier, tmp_root: str, per_entry: float | None) -> lis
             entries=n, plain_entries=0, sample=min(tier.scale_sample, n), batch=tier.batch,
             duration_s=tier.duration_s,
         )  # fmt: skip
-        try:
-            point = _curve_point(cfg, tier, tmp_root, per_entry)
-        except (PhaseError, OSError) as exc:
-            log(f"  error: {exc}")
-            point = {"error": str(exc).strip().splitlines()[-1], "detail": str(exc)}
+        point = _curve_point_or_error(cfg, tier, tmp_root, per_entry)
         point["entries"] = n
         points.append(point)
         per_entry = per_entry or _bytes_per_entry(point.get("stats_after_write"))
     return points
+
+
+def _curve_point_or_error(
+    cfg: phases.PhaseConfig, tier: Tier, tmp_root: str, per_entry: float | None
+) -> dict[str, Any]:
+    """:func:`_curve_point`, or a point that records why it failed (the run goes on)."""
+    try:
+        return _curve_point(cfg, tier, tmp_root, per_entry)
+    except (PhaseError, OSError) as exc:
+        log(f"  error: {exc}")
+        return {"error": str(exc).strip().splitlines()[-1], "detail": str(exc)}
 
 
 def run_size_curve(tier: Tier, tmp_root: str) -> list[dict[str, Any]]:
@@ -299,11 +306,7 @@ def run_size_curve(tier: Tier, tmp_root: str) -> list[dict[str, Any]]:
             value_bytes=size,
         )  # fmt: skip
         cfg = replace(cfg, sample=min(cfg.sample, n))
-        try:
-            point = _curve_point(cfg, tier, tmp_root, None)
-        except (PhaseError, OSError) as exc:
-            log(f"  error: {exc}")
-            point = {"error": str(exc).strip().splitlines()[-1], "detail": str(exc)}
+        point = _curve_point_or_error(cfg, tier, tmp_root, None)
         point["value_bytes"] = size
         point["pickle_bytes"] = len(pickle.dumps(phases.value_for(cfg, 0), pickle.HIGHEST_PROTOCOL))
         point["entries"] = n
