@@ -6,8 +6,8 @@ Layout (all integers little-endian)::
 
 * The **header** holds the immutable geometry (covered by a crc32, so damage is
   detected at open) followed by shared 64-bit words: log head and tail, the pid of
-  a writer in progress, the statistics counters, and a table of per-process
-  counter slots.
+  a writer in progress and of the lock holder, the statistics counters, and a table
+  of owner slots (one per open cache instance, see ``_owners.py``).
 * The **index** is set-associative: a key's digest picks a bucket of
   ``SLOTS_PER_BUCKET`` slots; each slot holds a 64-bit tag, the record's log
   position, its length and a hash of its llm_string (for ``clear(llm_string=)``).
@@ -41,7 +41,7 @@ import os
 import struct
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -52,9 +52,10 @@ __all__ = ["FORMAT_VERSION", "HEADER_BYTES", "MIN_SIZE_BYTES", "Arena", "Geometr
 
 logger = logging.getLogger("shmcache")
 
-FORMAT_VERSION: Final = 1
+# 2: owner slots proven alive by kernel locks (format 1 trusted pid numbers).
+FORMAT_VERSION: Final = 2
 MAGIC: Final = b"SHMCACHE"
-HEADER_BYTES: Final = 16384
+HEADER_BYTES: Final = 65536
 MIN_SIZE_BYTES: Final = 1 << 20
 
 # Geometry: magic, version, header bytes, size, buckets, slots/bucket, bucket bytes,
@@ -73,19 +74,31 @@ W_EVICTIONS: Final = 38
 W_SKIPPED: Final = 39
 W_ENTRIES: Final = 40
 W_USED: Final = 41
+# pid of the process holding the writer lock (0: none), for error messages and the
+# CLI.  Informational only: a pid from another pid namespace may mean nothing here.
+W_LOCK_PID: Final = 42
 
-# Per-process counters: a table of [pid, hits, misses, skipped, ...] slots in the header.
-# Each slot is written only by the process that claimed it, so counting a lookup
-# takes no lock and shows in every process's stats() at once, even if the counting
-# process is later killed.  A slot is folded into the shared counters and freed when
-# its owner closes, or when its owner is found dead and the slot is needed.
+# Owner slots: a table of [pid, hits, misses, skipped, generation, ...] in the header,
+# one per open cache instance.  A slot is written only by the instance that holds its
+# liveness lock (_owners.py), so counting takes no lock and is exact even when the
+# process later dies.  A new owner keeps adding to the counts a dead one left, so
+# nothing ever needs folding; stats() sums the table.
 _PROCESS_TABLE_WORD: Final = 128
 # A slot fills a 64-byte cache line, so two processes counting never share a line.
 _PROCESS_SLOT_WORDS: Final = 8
-PROCESS_SLOTS: Final = (HEADER_BYTES // 8 - _PROCESS_TABLE_WORD) // _PROCESS_SLOT_WORDS
+PROCESS_SLOTS: Final = 512
+SLOT_PID: Final = 0
 SLOT_HITS: Final = 1
 SLOT_MISSES: Final = 2
 SLOT_SKIPPED: Final = 3
+SLOT_GENERATION: Final = 4  # bumped at each claim: names one owner for leases
+SLOT_COALESCED: Final = 5
+SLOT_COALESCE_TIMEOUTS: Final = 6
+SLOT_UNCOALESCED: Final = 7
+_COUNTED_SLOT_WORDS: Final = (SLOT_HITS, SLOT_MISSES, SLOT_SKIPPED, SLOT_COALESCED,
+                              SLOT_COALESCE_TIMEOUTS, SLOT_UNCOALESCED)
+# The rest of the header, after the owner table, is free for the lease table.
+LEASE_TABLE_BYTE: Final = (_PROCESS_TABLE_WORD + PROCESS_SLOTS * _PROCESS_SLOT_WORDS) * 8
 
 SLOTS_PER_BUCKET: Final = 8
 BUCKET_BYTES: Final = 256
@@ -112,6 +125,8 @@ _U32: Final = struct.Struct("<I")
 _ALIGN: Final = 8
 # Record lengths are stored as u32.
 _MAX_RECORD_BYTES: Final = (1 << 32) - _ALIGN
+# check() holds the writer lock at most about this long at a time.
+VERIFY_STEP_S: Final = 0.01
 # A reader retries the lock-free path this often before falling back to the lock.
 _SEQLOCK_TRIES: Final = 16
 # Positions stay far below 2**64 (centuries of writes at any real rate); one above
@@ -129,18 +144,6 @@ _MAX_PID: Final = 1 << 22
 # Steps: 1 write begun, 2 room made (tail moved), 3 record header written, 4 value
 # written, 5 head published, 6 slot half-written (bucket version odd), 7 indexed.
 step_hook: Callable[[int], None] | None = None
-
-
-# This process's pid, kept current across fork (os.getpid() is a system call).
-_pid = os.getpid()
-
-
-def _update_pid() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-os.register_at_fork(after_in_child=_update_pid)
 
 
 class Contended:
@@ -175,9 +178,10 @@ class Geometry:
         return min(self.log_size // 2, _MAX_RECORD_BYTES)
 
 
-def _alive(pid: int) -> bool:
-    if pid > _MAX_PID:
-        return False  # damage: no such process can exist
+def _pid_alive(pid: int) -> bool:
+    """Best-effort, for log messages only (pids from other namespaces mislead)."""
+    if not 0 < pid <= _MAX_PID:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -257,6 +261,7 @@ class Arena:
         self.geometry = geometry
         self._mm = mapping
         self._words = memoryview(mapping).cast("Q")
+        self.words = self._words  # shared 64-bit words, for the lock-holder word
         self._halves = memoryview(mapping).cast("I")
         self._n_buckets = geometry.n_buckets
         self._index_word = geometry.index_offset // 8
@@ -296,52 +301,27 @@ class Arena:
         """*Locked.* Add ``delta`` (may be negative) to a shared counter."""
         self._words[word] = max(0, self._words[word] + delta) & U64_MASK
 
-    # -- per-process counters -------------------------------------------------
+    # -- owner slots -------------------------------------------------------------
 
-    def claim_process_slot(self, pid: int) -> memoryview | None:
-        """*Locked.* Claim a counter slot for process ``pid``.
+    def owner_slot(self, slot: int) -> memoryview:
+        """A view of owner slot ``slot`` (words ``SLOT_*``); release it when done."""
+        base = _PROCESS_TABLE_WORD + slot * _PROCESS_SLOT_WORDS
+        return self._words[base : base + _PROCESS_SLOT_WORDS]
 
-        Returns:
-            A view ``[pid, hits, misses, skipped]`` of the slot (release it with
-            :meth:`free_process_slot`), or None when every slot is in use.
-        """
-        words = self._words
-        for slot in range(PROCESS_SLOTS):
-            base = _PROCESS_TABLE_WORD + slot * _PROCESS_SLOT_WORDS
-            owner = words[base]
-            if owner and _alive(owner):
-                continue
-            view = words[base : base + _PROCESS_SLOT_WORDS]
-            self._fold(view)
-            view[0] = pid
-            return view
-        return None
-
-    def free_process_slot(self, view: memoryview) -> None:
-        """*Locked.* Fold a claimed slot into the shared counters and free it."""
-        self._fold(view)
-        view[0] = 0
-        view.release()
-
-    def _fold(self, view: memoryview) -> None:
-        self.add_counter(W_HITS, view[SLOT_HITS])
-        self.add_counter(W_MISSES, view[SLOT_MISSES])
-        self.add_counter(W_SKIPPED, view[SLOT_SKIPPED])
-        view[SLOT_HITS] = view[SLOT_MISSES] = view[SLOT_SKIPPED] = 0
-
-    def process_totals(self) -> tuple[int, int, int]:
-        """Sum ``(hits, misses, skipped)`` over the process table."""
+    def process_totals(self) -> tuple[int, ...]:
+        """Sum each counted slot word (``hits, misses, skipped, coalesced,
+        coalesce_timeouts, uncoalesced``) over the owner table."""
         table = self._words[
             _PROCESS_TABLE_WORD : _PROCESS_TABLE_WORD + PROCESS_SLOTS * _PROCESS_SLOT_WORDS
         ]
         try:
-            return (
-                sum(table[SLOT_HITS :: _PROCESS_SLOT_WORDS]),
-                sum(table[SLOT_MISSES :: _PROCESS_SLOT_WORDS]),
-                sum(table[SLOT_SKIPPED :: _PROCESS_SLOT_WORDS]),
-            )
+            return tuple(sum(table[w::_PROCESS_SLOT_WORDS]) for w in _COUNTED_SLOT_WORDS)
         finally:
             table.release()
+
+    def lock_holder(self) -> int:
+        """The pid recorded by the writer lock's holder (0: none recorded)."""
+        return int(self._words[W_LOCK_PID])
 
     # -- lock-free reads ------------------------------------------------------
 
@@ -429,9 +409,15 @@ class Arena:
         return _align(RECORD_HEADER_BYTES + value_length)
 
     def begin(self) -> None:
-        """*Locked.* Repair what a dead writer left, then mark a write in progress."""
+        """*Locked.* Repair what a dead writer left, then mark a write in progress.
+
+        Callers call :meth:`end` only when the write completed: a write cut short by
+        an exception (a KeyboardInterrupt, say) leaves the busy word set, so the next
+        lock holder repairs whatever it left half-done.
+        """
         self.repair()
-        self._words[_W_BUSY] = _pid
+        # getpid, not a cached pid: servers that fork from C run no at-fork hooks.
+        self._words[_W_BUSY] = os.getpid()
         if step_hook:
             step_hook(1)
 
@@ -674,9 +660,15 @@ class Arena:
         words = self._words
         tail, head = words[_W_TAIL], words[_W_HEAD]
         if self._log_size <= tail <= head <= tail + self._log_size and head < _MAX_POSITION:
-            logger.warning(
-                "a writer (pid %d) died mid-write; repairing the segment index", words[_W_BUSY]
-            )
+            busy = int(words[_W_BUSY])
+            if busy == os.getpid() or _pid_alive(busy):
+                logger.info(
+                    "a write by pid %d was interrupted; repairing the segment index", busy
+                )
+            else:
+                logger.warning(
+                    "a writer (pid %d) died mid-write; repairing the segment index", busy
+                )
         else:
             # Damaged log bounds: restart the log empty. Every slot then lies outside
             # [tail, head) and is dropped below, so no reader follows one.
@@ -707,47 +699,120 @@ class Arena:
         words[W_USED] = used
         words[_W_BUSY] = 0
 
-    def verify(self) -> list[str]:
-        """*Locked.* Check the whole segment; return the problems found (none: [])."""
+    def verify_plan(self) -> Iterator[Callable[[], list[str]]]:
+        """Steps that together check the whole segment; run each one *locked*.
+
+        Each step holds the lock for about ``VERIFY_STEP_S`` at most, so writers
+        are never held up for long even on a segment of gigabytes.  Writers may run
+        between steps: the log walk then resumes from the current tail, and the
+        entry counters are compared with the index only if nothing was written
+        while it was scanned.
+
+        Yields:
+            Callables returning the problems found by that step.
+        """
         words = self._words
+        state: dict[str, int] = {}
+        stamp: list[tuple[int, ...]] = []
+
+        def header_step() -> list[str]:
+            problems: list[str] = []
+            if self._mm[: len(self._header)] != self._header:
+                problems.append(
+                    "the segment header (geometry) changed or is damaged; no new process "
+                    "can open it: remove it with `shmcache rm NAME`"
+                )
+            tail, head = words[_W_TAIL], words[_W_HEAD]
+            if not self._log_size <= tail <= head <= tail + self._log_size < _MAX_POSITION:
+                problems.append(
+                    f"log tail {tail} and head {head} are inconsistent (the cache was emptied)"
+                )
+            self.repair()  # what a dead writer left half-done is not damage
+            state["position"] = words[_W_TAIL]
+            state["end"] = words[_W_HEAD]
+            return problems
+
+        yield header_step
+        # The log, from the tail to the head seen above, in bounded steps.
+        while True:
+            def log_step() -> list[str]:
+                problems, position = self._verify_log(
+                    max(state["position"], int(words[_W_TAIL])),
+                    min(state["end"], int(words[_W_HEAD])),
+                    time.monotonic() + VERIFY_STEP_S,
+                )
+                state["position"] = position
+                return problems
+
+            yield log_step
+            if state["position"] >= min(state["end"], int(words[_W_HEAD])):
+                break
+        state["bucket"] = 0
+        state["entries"] = state["used"] = 0
+        while state["bucket"] < self._n_buckets:
+            def index_step() -> list[str]:
+                problems: list[str] = []
+                if state["bucket"] == 0:
+                    stamp[:] = [self._write_stamp()]
+                tail, head = words[_W_TAIL], words[_W_HEAD]
+                deadline = time.monotonic() + VERIFY_STEP_S
+                b = state["bucket"]
+                while b < self._n_buckets:
+                    bucket = self._index_word + b * _BUCKET_WORDS
+                    if words[bucket] & 1:
+                        problems.append(f"bucket {b} is marked as being written")
+                    for i in range(SLOTS_PER_BUCKET):
+                        if not words[bucket + _TAGS_AT + i]:
+                            continue
+                        problem = self._slot_problem(bucket, i, tail, head)
+                        if problem:
+                            problems.append(f"index bucket {b} slot {i} {problem}")
+                        state["entries"] += 1
+                        state["used"] += self._halves[(bucket * 8 + _LENS_AT_BYTE) // 4 + i]
+                    b += 1
+                    if b % 64 == 0 and time.monotonic() > deadline:
+                        break
+                state["bucket"] = b
+                entries, used = state["entries"], state["used"]
+                if b >= self._n_buckets and [self._write_stamp()] == stamp and (
+                    entries != words[W_ENTRIES] or used != words[W_USED]
+                ):
+                    problems.append(
+                        f"counters say {words[W_ENTRIES]} entries / {words[W_USED]} bytes, "
+                        f"the index holds {entries} / {used}"
+                    )
+                return problems
+
+            yield index_step
+
+    def _write_stamp(self) -> tuple[int, ...]:
+        """Changes whenever anything is written, evicted or cleared."""
+        words = self._words
+        return (words[W_UPDATES], words[W_EVICTIONS], words[_W_TAIL], words[_W_HEAD],
+                words[W_ENTRIES], words[W_USED])
+
+    def verify(self) -> list[str]:
+        """*Locked.* Check the whole segment in one go; return the problems found."""
         problems: list[str] = []
-        if self._mm[: len(self._header)] != self._header:
-            problems.append(
-                "the segment header (geometry) changed or is damaged; no new process can "
-                "open it: remove it with `shmcache rm NAME`"
-            )
-        tail, head = words[_W_TAIL], words[_W_HEAD]
-        if not self._log_size <= tail <= head <= tail + self._log_size < _MAX_POSITION:
-            problems.append(
-                f"log tail {tail} and head {head} are inconsistent (the cache was emptied)"
-            )
-        self.repair()  # what a dead writer left half-done is not damage
-        tail, head = words[_W_TAIL], words[_W_HEAD]
-        problems.extend(self._verify_log(tail, head))
-        entries = used = 0
-        for b in range(self._n_buckets):
-            bucket = self._index_word + b * _BUCKET_WORDS
-            if words[bucket] & 1:
-                problems.append(f"bucket {b} is marked as being written")
-            for i in range(SLOTS_PER_BUCKET):
-                if not words[bucket + _TAGS_AT + i]:
-                    continue
-                problem = self._slot_problem(bucket, i, tail, head)
-                if problem:
-                    problems.append(f"index bucket {b} slot {i} {problem}")
-                entries += 1
-                used += self._halves[(bucket * 8 + _LENS_AT_BYTE) // 4 + i]
-        if entries != words[W_ENTRIES] or used != words[W_USED]:
-            problems.append(
-                f"counters say {words[W_ENTRIES]} entries / {words[W_USED]} bytes, "
-                f"the index holds {entries} / {used}"
-            )
+        for step in self.verify_plan():
+            problems.extend(step())
         return problems
 
-    def _verify_log(self, tail: int, head: int) -> list[str]:
+    def _verify_log(self, tail: int, head: int, deadline: float) -> tuple[list[str], int]:
+        """Check records from ``tail`` towards ``head`` until done or ``deadline``.
+
+        Returns:
+            The problems found and the position reached.
+        """
         problems: list[str] = []
+        if tail >= head:  # nothing left (or writers moved the tail past it meanwhile)
+            return problems, tail
         position = tail
+        checked = 0
         while position < head:
+            checked += 1
+            if checked % 256 == 0 and time.monotonic() > deadline:
+                return problems, position
             offset = position % self._log_size
             lap_end = position + (self._log_size - offset)
             start = self._log_offset + offset
@@ -770,4 +835,4 @@ class Arena:
             position += length
         if position > head:
             problems.append(f"the last record ends at log position {position}, past the head")
-        return problems
+        return problems, position

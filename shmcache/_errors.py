@@ -9,9 +9,13 @@ from __future__ import annotations
 
 __all__ = [
     "CacheClosedError",
+    "InvalidArgumentError",
     "LockTimeoutError",
     "SegmentCorruptError",
+    "SegmentDirectoryError",
     "SegmentFormatError",
+    "SegmentNotFoundError",
+    "SegmentOpenError",
     "SegmentPermissionError",
     "SegmentReplacedError",
     "SegmentSpaceError",
@@ -21,6 +25,13 @@ __all__ = [
 
 class ShmCacheError(Exception):
     """Base class of every error raised by shmcache."""
+
+
+class InvalidArgumentError(ShmCacheError, ValueError):
+    """An argument has the right type but a value out of range (name, size, timeout, ...).
+
+    The message names the argument, the limit and what to pass instead.
+    """
 
 
 class CacheClosedError(ShmCacheError, ValueError):
@@ -49,3 +60,23 @@ class SegmentSpaceError(ShmCacheError, OSError):
 
 class SegmentReplacedError(ShmCacheError, FileNotFoundError):
     """The segment file this process had open was removed or replaced by another."""
+
+
+class SegmentDirectoryError(ShmCacheError, NotADirectoryError):
+    """``directory=`` (or one of its parents) exists but is not a directory.
+
+    The message names the path that was given and the part of it that is not a
+    directory.
+    """
+
+
+class SegmentNotFoundError(ShmCacheError, FileNotFoundError):
+    """A cache (or the directory it should be in) does not exist where it was looked for."""
+
+
+class SegmentOpenError(ShmCacheError, OSError):
+    """Any other OS error while opening or creating a segment (read-only file system,
+    name too long, no mmap support, ...).
+
+    ``errno`` is the OS error's; the message names the path that was given and what to do.
+    """

@@ -1,13 +1,20 @@
-"""The segment's writer lock: ``fcntl.flock`` on a per-process fd plus a thread lock.
+"""The segment's writer lock: ``fcntl.flock`` on one open file description per thread.
 
-Why not one of the ready-made locks:
+Why this shape (each point was a measured defect of simpler designs):
 
-* ``flock`` locks belong to the open file description. A child that used an fd
-  inherited across ``fork`` would share its parent's lock (neither excludes the
-  other, and its unlock would release the parent's), so each process opens its own
-  fd: after a fork the child re-opens the file before its first acquire.
-* Threads of one process share that fd and are not excluded by ``flock`` either,
-  hence the ``threading.Lock`` in front of it.
+* ``flock`` locks belong to the open file description.  Descriptions inherited
+  across ``fork`` are shared with the parent, so each *process* needs its own; and
+  servers that fork from C (uWSGI's default) never run ``os.register_at_fork``
+  hooks, so the owner pid is checked at every use, not only in a fork hook.
+* Each *thread* gets its own description too.  Two descriptions exclude each other
+  even within one process, so no ``threading.Lock`` is needed — and none can be
+  left held by an interrupt or inherited held across a fork.
+* Releasing is a single C call on the caller's own description
+  (``fcntl.flock(fd, LOCK_UN)``), safe to run whether or not the lock was had.  The
+  callers put it first in a ``finally`` whose ``try`` *contains* the acquire, so a
+  KeyboardInterrupt or an exception from a signal handler that lands at any
+  bytecode (CPython delivers them only after calls and at loop back-edges) can never
+  leave the lock held: either the lock was not taken yet, or the ``finally`` runs.
 * The kernel drops a ``flock`` when its holder dies, even by SIGKILL; a
   ``multiprocessing.Lock`` would stay held forever.
 * ``filelock`` costs ~200 µs an acquire (it opens and closes the file each time);
@@ -20,6 +27,7 @@ deadline, so no caller waits longer than the cache's ``lock_timeout``.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import threading
@@ -27,42 +35,64 @@ import time
 import weakref
 from typing import Final
 
-from ._errors import SegmentReplacedError, ShmCacheError
+from ._errors import SegmentReplacedError
 
-__all__ = ["SegmentLock"]
+__all__ = ["LOCK_EX_NB", "UNLOCK", "SegmentLock", "flock"]
 
 _FIRST_BACKOFF_S: Final = 20e-6
 _MAX_BACKOFF_S: Final = 2e-3
 _YIELDS_BEFORE_SLEEP: Final = 8
 
-# Every live lock, so a fork hook can make each one usable in the child.
-_LIVE_LOCKS: weakref.WeakSet[SegmentLock] = weakref.WeakSet()
+# Re-exported so callers' ``finally`` blocks release with one C call and no lookup
+# that could run Python code.
+flock: Final = fcntl.flock
+UNLOCK: Final = fcntl.LOCK_UN
+LOCK_EX_NB: Final = fcntl.LOCK_EX | fcntl.LOCK_NB
+
+
+class _ThreadFd:
+    """One thread's open file description of the segment, closed when dropped."""
+
+    __slots__ = ("__weakref__", "fd", "pid")
+
+    def __init__(self, fd: int, pid: int) -> None:
+        self.fd = fd
+        self.pid = pid
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def __del__(self) -> None:  # the thread ended, or the lock was dropped
+        self.close()
 
 
 class SegmentLock:
     """An exclusive, inter-process and inter-thread lock on one segment file.
 
     Args:
-        path: The segment file (used to re-open it after a fork when
-            ``/proc/self/fd`` is not available).
+        path: The segment file (used to re-open it when ``/proc/self/fd`` is not
+            available).
         fd: An fd of the segment file owned by the caller; the lock opens its own
-            description of the same file and never closes ``fd``.
+            descriptions of the same file and never closes ``fd``.
     """
 
     def __init__(self, path: str, fd: int) -> None:
         self._path = path
+        self._source_fd = fd
         stat = os.fstat(fd)
         self._identity = (stat.st_dev, stat.st_ino)
-        self._thread_lock = threading.Lock()
-        self._fd = self._reopen(fd)
-        self._pid = os.getpid()
-        _LIVE_LOCKS.add(self)
+        self._local = threading.local()
+        # Every thread's description, so close() can close them all.
+        self._all: weakref.WeakSet[_ThreadFd] = weakref.WeakSet()
+        self._closed = False
 
-    def _reopen(self, fd: int) -> int:
-        """Open a new file description of the same file as ``fd``."""
-        proc_path = f"/proc/self/fd/{fd}"
+    def _reopen(self) -> int:
+        """Open a new file description of the segment file."""
         try:
-            new_fd = os.open(proc_path, os.O_RDWR | os.O_CLOEXEC)
+            new_fd = os.open(f"/proc/self/fd/{self._source_fd}", os.O_RDWR | os.O_CLOEXEC)
         except OSError:
             # No /proc (macOS): re-open by name and make sure it is still our file.
             new_fd = os.open(self._path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
@@ -75,94 +105,91 @@ class SegmentLock:
             )
         return new_fd
 
-    def _after_fork_in_child(self) -> None:
-        # The inherited description is shared with the parent: leave it to the
-        # parent (closing our copy does not release the parent's lock) and open ours.
-        self._thread_lock = threading.Lock()
-        inherited = self._fd
-        try:
-            self._fd = self._reopen(inherited)
-        except (OSError, ShmCacheError):
-            self._fd = -1
-        finally:
-            if inherited >= 0:
-                os.close(inherited)
-        self._pid = os.getpid()
+    def thread_fd(self) -> int:
+        """This thread's own description of the segment (made on first use).
 
-    def _try_flock(self) -> bool:
+        Returns -1 when the lock is closed or no description could be opened (the
+        caller then treats the lock as not had).
+        """
+        entry: _ThreadFd | None = getattr(self._local, "entry", None)
+        pid = os.getpid()
+        if entry is not None and entry.pid == pid:
+            return entry.fd
+        if self._closed:
+            return -1
+        if entry is not None:
+            # Inherited across a fork (maybe one made from C): that description is
+            # shared with the parent.  Closing our copy leaves the parent's lock be.
+            entry.close()
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            entry = _ThreadFd(self._reopen(), pid)
+        except OSError:
+            return -1
+        self._local.entry = entry
+        self._all.add(entry)
+        return entry.fd
+
+    @staticmethod
+    def _try(fd: int) -> bool:
+        try:
+            fcntl.flock(fd, LOCK_EX_NB)
         except BlockingIOError:
+            return False
+        except (OSError, ValueError):  # no fd: closed, or it could not be opened
             return False
         return True
 
-    def try_acquire(self) -> bool:
-        """Take the lock if it is free right now; never waits."""
-        if self._fd < 0 or not self._thread_lock.acquire(blocking=False):
-            return False
-        if self._try_flock():
-            return True
-        self._thread_lock.release()
-        return False
+    def try_acquire_fd(self, fd: int) -> bool:
+        """Take the lock on ``fd`` (from :meth:`thread_fd`) if it is free now."""
+        return fd >= 0 and self._try(fd)
 
-    def acquire(self, timeout_s: float) -> bool:
-        """Take the lock, waiting at most ``timeout_s`` seconds.
+    def acquire_fd(self, fd: int, timeout_s: float) -> bool:
+        """Take the lock on ``fd`` (from :meth:`thread_fd`), waiting at most ``timeout_s``.
 
         Returns:
             True if the lock is now held, False if the deadline passed first.
         """
-        thread_lock = self._thread_lock
-        if thread_lock.acquire(False):  # the uncontended case: no clock, no wait
-            deadline = None
-        else:
-            deadline = time.monotonic() + timeout_s
-            if not thread_lock.acquire(timeout=timeout_s):
-                return False
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            pass
-        except (OSError, ValueError):  # no fd: closed, or the re-open after a fork failed
-            thread_lock.release()
+        if fd < 0:
             return False
-        if deadline is None:
-            deadline = time.monotonic() + timeout_s
+        if self._try(fd):  # the uncontended case: no clock, no wait
+            return True
+        deadline = time.monotonic() + timeout_s
         # A holder needs a few µs, but the shortest sleep lasts ~60 µs: yield the CPU
         # a few times before sleeping.
         for _ in range(_YIELDS_BEFORE_SLEEP):
             os.sched_yield()
-            if self._try_flock():
+            if self._try(fd):
                 return True
         backoff = _FIRST_BACKOFF_S
-        while not self._try_flock():
+        while not self._try(fd):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                thread_lock.release()
                 return False
             time.sleep(min(backoff, remaining))
             backoff = min(backoff * 2, _MAX_BACKOFF_S)
         return True
 
+    # Convenience forms for callers outside the hot paths (tests, tools).  They are
+    # not interrupt-proof on their own: put release() in a finally.
+
+    def try_acquire(self) -> bool:
+        """Take the lock for the calling thread if it is free right now."""
+        return self.try_acquire_fd(self.thread_fd())
+
+    def acquire(self, timeout_s: float) -> bool:
+        """Take the lock for the calling thread, waiting at most ``timeout_s``."""
+        return self.acquire_fd(self.thread_fd(), timeout_s)
+
     def release(self) -> None:
-        """Release the lock held by this thread."""
-        try:
-            if self._fd >= 0:  # closed meanwhile: closing dropped the flock already
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-        finally:
-            self._thread_lock.release()
+        """Release the calling thread's lock (a no-op if it does not hold it)."""
+        entry: _ThreadFd | None = getattr(self._local, "entry", None)
+        if entry is not None and entry.fd >= 0 and entry.pid == os.getpid():
+            with contextlib.suppress(OSError):
+                fcntl.flock(entry.fd, UNLOCK)
 
     def close(self) -> None:
-        """Close this process's lock fd (idempotent)."""
-        _LIVE_LOCKS.discard(self)
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
-def _reinit_locks_in_child() -> None:
-    for lock in list(_LIVE_LOCKS):
-        lock._after_fork_in_child()
-
-
-os.register_at_fork(after_in_child=_reinit_locks_in_child)
+        """Close every description this lock opened in this process (idempotent)."""
+        self._closed = True
+        for entry in list(self._all):
+            entry.close()  # a fork child's copies too: closing them frees no lock
+        self._all = weakref.WeakSet()

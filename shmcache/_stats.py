@@ -24,6 +24,12 @@ class CacheStats:
         entries: Entries stored now.
         used_bytes: Log bytes taken by the entries stored now.
         size_bytes: The segment file's length.
+        coalesced: Hits served to a lookup that waited for another caller's model
+            call (request coalescing); also counted in ``hits``.
+        coalesce_timeouts: Leases taken over because their holder kept them
+            ``coalesce_timeout`` seconds.
+        uncoalesced: Misses that could not take a lease (lock not had in time, no
+            free lease entry or owner slot) and so were not coalesced.
     """
 
     hits: int
@@ -34,6 +40,9 @@ class CacheStats:
     entries: int
     used_bytes: int
     size_bytes: int
+    coalesced: int = 0
+    coalesce_timeouts: int = 0
+    uncoalesced: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """Return the counters as a plain dict (e.g. for JSON)."""

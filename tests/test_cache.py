@@ -23,6 +23,7 @@ from shmcache import (
     SharedMemoryCache,
     ShmCacheError,
 )
+from shmcache._arena import FORMAT_VERSION
 
 
 def test_hit_returns_new_list_of_fresh_equal_objects(cache: SharedMemoryCache) -> None:
@@ -312,7 +313,7 @@ def test_bad_options_raise(
 ) -> None:
     with pytest.raises(error, match=match):
         SharedMemoryCache("opts", directory=cache_dir, **kwargs)  # type: ignore[arg-type]
-    assert not (cache_dir / "opts.v1.shm").exists()
+    assert not (cache_dir / "opts.v2.shm").exists()
 
 
 def test_segment_is_private_and_exactly_sized(cache: SharedMemoryCache, cache_dir: Path) -> None:
@@ -320,7 +321,7 @@ def test_segment_is_private_and_exactly_sized(cache: SharedMemoryCache, cache_di
     info = os.stat(cache.path)
     assert stat.S_IMODE(info.st_mode) == 0o600
     assert info.st_size == 1 << 20
-    assert Path(cache.path).name == "test.v1.shm"
+    assert Path(cache.path).name == f"test.v{FORMAT_VERSION}.shm"
 
 
 def test_existing_segment_keeps_its_size(
@@ -414,9 +415,9 @@ def test_a_closed_cache_does_not_pickle(cache_dir: Path) -> None:
 
 def test_odd_things_at_the_segment_path_are_shmcache_errors(cache_dir: Path) -> None:
     cache_dir.mkdir(mode=0o700)
-    (cache_dir / "isdir.v1.shm").mkdir()
+    (cache_dir / "isdir.v2.shm").mkdir()
     with pytest.raises(SegmentPermissionError, match="is a directory"):
         SharedMemoryCache("isdir", directory=cache_dir)
     with pytest.raises(SegmentSpaceError, match="larger than any file"):
         SharedMemoryCache("huge", directory=cache_dir, size_bytes=2**70)
-    assert sorted(p.name for p in cache_dir.iterdir()) == ["isdir.v1.shm"]
+    assert sorted(p.name for p in cache_dir.iterdir()) == ["isdir.v2.shm"]

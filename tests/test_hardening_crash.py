@@ -104,8 +104,11 @@ class Scenario:
 
 
 def _open(directory: Path) -> SharedMemoryCache:
+    # The verifiers peek (look keys up without storing them): no coalescing, as the
+    # contract says for peeking code; the lease steps have their own crash tests.
     return SharedMemoryCache(
-        NAME, directory=directory, size_bytes=1 << 20, lock_timeout=LOCK_TIMEOUT_S
+        NAME, directory=directory, size_bytes=1 << 20, lock_timeout=LOCK_TIMEOUT_S,
+        coalesce=False,
     )
 
 
@@ -318,8 +321,8 @@ def test_random_sigkills_under_load(tmp_path: Path) -> None:
     """Writers are SIGKILLed at random instants (>= 200 times) while others read and
     write: every value read is exactly one written for its key and never older than
     one seen before; after every kill the next write lands and ``check`` finds nothing."""
-    cache = SharedMemoryCache(
-        "kills", directory=tmp_path, size_bytes=1 << 20, lock_timeout=2.0
+    cache = SharedMemoryCache(  # readers peek: coalesce=False (see _open)
+        "kills", directory=tmp_path, size_bytes=1 << 20, lock_timeout=2.0, coalesce=False
     )
     rng = random.Random(20240501)
     kills = mid_write = probes = 0

@@ -455,6 +455,7 @@ def test_lookup_after_own_counter_slot_damaged(tmp_path: Path) -> None:
     """
     cache = _filled_cache(tmp_path)
     try:
+        cache.lookup("p1", LLM)  # the first count claims this instance's slot
         table = arena_mod._PROCESS_TABLE_WORD
         slots = arena_mod.PROCESS_SLOTS
         step = arena_mod._PROCESS_SLOT_WORDS

@@ -43,7 +43,7 @@ def test_symlinked_segment_is_refused_and_its_target_untouched(tmp_path: Path) -
     target = _make_segment(tmp_path / "elsewhere", "victim")
     directory = tmp_path / "segments"
     directory.mkdir(mode=0o700)
-    os.symlink(target, directory / "victim.v1.shm")
+    os.symlink(target, directory / "victim.v2.shm")
     before = Path(target).read_bytes()
     with pytest.raises(ShmCacheError) as refused:
         SharedMemoryCache("victim", directory=directory, size_bytes=MIB)
@@ -145,13 +145,13 @@ def test_non_str_names_are_type_errors(tmp_path: Path, name: object) -> None:
 
 
 def test_segments_of_other_format_versions_stay_byte_identical(tmp_path: Path) -> None:
-    """`NAME.v0.shm` and `NAME.v2.shm` (other releases, arbitrary content) are never
+    """`NAME.v1.shm` and `NAME.v9.shm` (other releases, arbitrary content) are never
     read, written, removed or renamed while this release's cache is used and removed."""
     directory = tmp_path / "segments"
     directory.mkdir(mode=0o700)
     others = {
-        directory / "app.v0.shm": os.urandom(5000),
-        directory / "app.v2.shm": b"SHMCACHE" + os.urandom(MIB),
+        directory / "app.v1.shm": b"SHMCACHE" + os.urandom(MIB),
+        directory / "app.v9.shm": os.urandom(5000),
     }
     for path, content in others.items():
         path.write_bytes(content)

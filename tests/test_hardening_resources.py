@@ -103,13 +103,14 @@ def test_fd_count_and_files_stable_over_1000_open_close_cycles(tmp_path: Path) -
     keeper = SharedMemoryCache("keep", directory=directory, size_bytes=MIB)
     try:
         keeper.update("p", LLM, [Generation(text="v")])
+        keeper.lookup("p", LLM)  # its first count makes the owner-slot file, once
         for broken in ("link", "mode", "header"):
             made = SharedMemoryCache(broken, directory=directory, size_bytes=MIB)
             made.close()
-        os.rename(directory / "link.v1.shm", directory / "elsewhere")
-        os.symlink(directory / "elsewhere", directory / "link.v1.shm")
-        os.chmod(directory / "mode.v1.shm", 0o640)
-        poke(str(directory / "header.v1.shm"), 0, b"garbage!")
+        os.rename(directory / "link.v2.shm", directory / "elsewhere")
+        os.symlink(directory / "elsewhere", directory / "link.v2.shm")
+        os.chmod(directory / "mode.v2.shm", 0o640)
+        poke(str(directory / "header.v2.shm"), 0, b"garbage!")
         files_before = _leftovers(directory)
         fds_before = open_fds()
         for i in range(1000):

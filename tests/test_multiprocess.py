@@ -98,7 +98,9 @@ def test_chat_model_hit_in_this_process_after_other_process_call(
 def test_racing_writers_and_readers_never_see_a_wrong_value(
     make_cache: CacheFactory, method: str
 ) -> None:
-    cache = make_cache("race", size_bytes=1 << 20)  # small: the log wraps many times
+    # small: the log wraps many times.  The readers only peek: coalesce=False, as the
+    # contract says for code that looks keys up and never stores them.
+    cache = make_cache("race", size_bytes=1 << 20, coalesce=False)
     keys, seconds = 600, 2.0  # ~1 MB of live values: more than the log holds
     ctx = _ctx(method)
     with ctx.Pool(4) as pool:
