@@ -15,8 +15,14 @@ Layout (all integers little-endian)::
 * The **log** holds records back to back at monotonically growing positions
   (``offset = position % log_size``).  Each record carries its own position, the
   full 256-bit key digest and a crc32 of itself.  New records go at the head; when
-  the log is full the oldest records are evicted from the tail (FIFO): no
-  fragmentation, no free lists.
+  the log is full, records are taken from the tail: no fragmentation, no free lists.
+* **Eviction keeps what is read** (CLOCK, a.k.a. FIFO-reinsertion): each index
+  slot has a reference byte that a reader sets, without a lock, on a hit (test
+  before set, so a hot entry costs no write).  A writer that meets a referenced,
+  live record at the tail re-appends it at the head and clears the byte, instead of
+  dropping it; unreferenced records go, oldest first.  The copy work is bounded per
+  write (``_REINSERT_MAX_BYTES``); past it the oldest record goes whatever its byte
+  says.
 
 Concurrency (see ``_lock.py`` for the writer lock):
 
@@ -77,6 +83,8 @@ W_USED: Final = 41
 # pid of the process holding the writer lock (0: none), for error messages and the
 # CLI.  Informational only: a pid from another pid namespace may mean nothing here.
 W_LOCK_PID: Final = 42
+# Records re-appended at the head because they were read (CLOCK), for benchmarks.
+W_REINSERTED: Final = 43
 
 # Owner slots: a table of [pid, hits, misses, skipped, generation, ...] in the header,
 # one per open cache instance.  A slot is written only by the instance that holds its
@@ -104,11 +112,17 @@ SLOTS_PER_BUCKET: Final = 8
 BUCKET_BYTES: Final = 256
 _BUCKET_WORDS: Final = BUCKET_BYTES // 8
 # Within a bucket, in u64 words: version, tags[8], positions[8], llm hashes[8];
-# then record lengths as u32[8] at byte 200.
+# then record lengths as u32[8] at byte 200, reference bytes u8[8] at byte 232.
 _TAGS_AT: Final = 1
 _POS_AT: Final = 9
 _LLM_AT: Final = 17
 _LENS_AT_BYTE: Final = 200
+_REFS_AT_BYTE: Final = 232
+# The most bytes of read records one write re-appends at the head before it evicts
+# the oldest regardless: bounds one update's copy work (~1-3 ms at most) while a
+# live set that fits survives churn.  CLOCK amortises it: a record is re-appended at
+# most once per hit, and every re-append frees as much as it takes.
+_REINSERT_MAX_BYTES: Final = 1 << 20
 _EIGHT_U64: Final = struct.Struct(f"<{SLOTS_PER_BUCKET}Q")
 _EIGHT_U32: Final = struct.Struct(f"<{SLOTS_PER_BUCKET}I")
 _TWO_U64: Final = struct.Struct("<QQ")
@@ -122,6 +136,7 @@ RECORD_HEADER_BYTES: Final = _RECORD.size
 _RECORD_MAGIC: Final = 0x31434552  # b"REC1"
 _PAD_MAGIC: Final = 0x31444150  # b"PAD1": the rest of the lap is unused
 _U32: Final = struct.Struct("<I")
+_RECORD_POSITION: Final = struct.Struct("<Q")  # at byte 8 of a record
 _ALIGN: Final = 8
 # Record lengths are stored as u32.
 _MAX_RECORD_BYTES: Final = (1 << 32) - _ALIGN
@@ -142,8 +157,21 @@ _MAX_PID: Final = 1 << 22
 # Test-only fault injection: tests set this (in a throw-away child process) to a
 # callable that gets each write step's number and may, e.g., SIGKILL the process.
 # Steps: 1 write begun, 2 room made (tail moved), 3 record header written, 4 value
-# written, 5 head published, 6 slot half-written (bucket version odd), 7 indexed.
+# written, 5 head published, 6 slot half-written (bucket version odd), 7 indexed;
+# re-appending a read record (CLOCK): 8 old copy behind the tail, 9 new copy
+# published (slot not yet moved); leases (_leases.py): 11, 12 taken, 13 released.
 step_hook: Callable[[int], None] | None = None
+
+
+@dataclass
+class _Pending:
+    """A read record taken from the tail, on its way to the head."""
+
+    record: bytearray
+    position: int  # where it was
+    digest: bytes
+    bucket: int
+    slot: int
 
 
 class Contended:
@@ -262,6 +290,7 @@ class Arena:
         self._mm = mapping
         self._words = memoryview(mapping).cast("Q")
         self.words = self._words  # shared 64-bit words, for the lock-holder word
+        self._bytes = memoryview(mapping)
         self._halves = memoryview(mapping).cast("I")
         self._n_buckets = geometry.n_buckets
         self._index_word = geometry.index_offset // 8
@@ -290,6 +319,7 @@ class Arena:
         """Drop the views on the mapping so it can be closed."""
         self._words.release()
         self._halves.release()
+        self._bytes.release()
 
     # -- shared words ---------------------------------------------------------
 
@@ -352,7 +382,12 @@ class Arena:
             position = words[bucket + _POS_AT + i]
             length = self._halves[(bucket * 8 + _LENS_AT_BYTE) // 4 + i]
             if words[bucket] == version:
-                return self._read_record(position, length, digest, now)
+                found = self._read_record(position, length, digest, now)
+                if found is not None:
+                    ref = bucket * 8 + _REFS_AT_BYTE + i
+                    if not self._bytes[ref]:  # test before set: hot keys write nothing
+                        self._bytes[ref] = 1
+                return found
         return CONTENDED
 
     def find_locked(self, digest: bytes, now: float) -> memoryview | None:
@@ -442,16 +477,14 @@ class Arena:
         words = self._words
         hook = step_hook  # read once: this is the write path
         length = _align(RECORD_HEADER_BYTES + len(value))
+        self._make_room(length, time.time())  # may re-append read records at the head
         position = words[_W_HEAD]
         offset = position % self._log_size
         if offset + length > self._log_size:
             # Not enough room before the end of the lap: mark the rest unused.
-            self._make_room(position + (self._log_size - offset) + length)
             _U32.pack_into(self._mm, self._log_offset + offset, _PAD_MAGIC)
             position += self._log_size - offset
             offset = 0
-        else:
-            self._make_room(position + length)
         if hook:
             hook(2)
         body = _RECORD.pack(
@@ -474,21 +507,44 @@ class Arena:
         if hook:
             hook(7)
 
-    def _make_room(self, end_position: int) -> None:
-        """Evict from the tail until the log can hold bytes up to ``end_position``."""
+    def _room_limit(self, length: int) -> int:
+        """The tail position that lets a ``length``-byte record go at the head."""
+        head = self._words[_W_HEAD]
+        offset = head % self._log_size
+        pad = self._log_size - offset if offset + length > self._log_size else 0
+        return head + pad + length - self._log_size
+
+    def _make_room(self, length: int, now: float) -> None:
+        """Free the log for a ``length``-byte record at the head (CLOCK eviction).
+
+        A live record at the tail that was read since it was written (or since it
+        last survived a pass) is re-appended at the head instead of dropped.  One that
+        fits only after padding the head's lap waits in ``pending`` (its slot already
+        behind the tail: a miss for readers meanwhile) until the tail has passed the
+        bytes the pad would cover, which takes less than one more record.
+        """
         words = self._words
-        limit = end_position - self._log_size
         tail = words[_W_TAIL]
-        head = words[_W_HEAD]
         warned = False
-        if limit - tail > self._log_size:
+        budget = _REINSERT_MAX_BYTES
+        pending: list[_Pending] = []
+        if self._room_limit(length) - tail > self._log_size:
             # Everything goes anyway (only damage gets here: repair() bounds the log).
             self._wipe_index()
-            tail = limit
-        while tail < limit:
-            if tail >= head:
-                tail = limit
+            words[_W_TAIL] = self._room_limit(length)
+            return
+        while True:
+            while pending and self._append_copy(pending[0]):
+                pending.pop(0)
+            head = words[_W_HEAD]
+            limit = self._room_limit(length)
+            if pending:
+                limit = max(limit, head - head % self._log_size)  # where a pad may go
+            if tail >= limit:
                 break
+            if tail >= head:
+                words[_W_TAIL] = tail = max(limit, head)
+                continue
             offset = tail % self._log_size
             lap_end = tail + (self._log_size - offset)
             start = self._log_offset + offset
@@ -496,20 +552,98 @@ class Arena:
             if magic == _PAD_MAGIC or self._log_size - offset < RECORD_HEADER_BYTES:
                 tail = lap_end
             elif magic == _RECORD_MAGIC:
-                _, _, position, length, _, _, _, digest = _RECORD.unpack_from(self._mm, start)
-                if position != tail or length < RECORD_HEADER_BYTES or tail + length > lap_end:
+                _, _, position, rec_length, _, expires, _, digest = _RECORD.unpack_from(
+                    self._mm, start
+                )
+                if (
+                    position != tail
+                    or rec_length < RECORD_HEADER_BYTES
+                    or tail + rec_length > lap_end
+                ):
                     warned = warned or _warn_damaged(tail)
                     tail = lap_end
                 else:
-                    self._unindex(digest, position)
-                    tail += length
+                    taken = (
+                        self._take_referenced(start, position, rec_length, digest)
+                        if budget >= rec_length and not (expires and expires <= now)
+                        else None
+                    )
+                    if taken is None:
+                        self._unindex(digest, position)
+                    else:
+                        budget -= rec_length
+                        pending.append(taken)
+                    tail += rec_length
             else:
                 warned = warned or _warn_damaged(tail)
                 tail = lap_end
             # The tail moves before any byte behind it is overwritten (readers check it).
-            words[_W_TAIL] = min(tail, head)
-        if words[_W_TAIL] < limit:
-            words[_W_TAIL] = limit
+            words[_W_TAIL] = min(tail, words[_W_HEAD])
+            if pending and step_hook:
+                step_hook(8)
+        for left in pending:  # could not be placed (damage only): evicted after all
+            self._unindex(left.digest, left.position)
+        if words[_W_TAIL] < self._room_limit(length):
+            words[_W_TAIL] = self._room_limit(length)
+
+    def _take_referenced(
+        self, start: int, position: int, length: int, digest: bytes
+    ) -> _Pending | None:
+        """The record at ``position`` if it is live and was read; else None (evict it)."""
+        _, seed = split_digest(digest)
+        bucket = self._bucket_word(seed)
+        positions = _EIGHT_U64.unpack_from(self._mm, (bucket + _POS_AT) * 8)
+        if position not in positions:
+            return None  # overwritten or removed: dead space
+        i = positions.index(position)
+        if not self._bytes[bucket * 8 + _REFS_AT_BYTE + i]:
+            return None
+        return _Pending(bytearray(self._mm[start : start + length]), position, digest, bucket, i)
+
+    def _append_copy(self, item: _Pending) -> bool:
+        """*Locked.* Write a taken record at the head and point its slot at it.
+
+        Order, for readers and for a writer killed at any step: the tail passed the
+        old copy first (readers reject it), the new copy is written and published by
+        the head, and only then does the slot point at it.  Killed in between, the
+        slot points behind the tail (a miss; ``repair`` drops it) or the new copy is
+        unindexed dead space.
+
+        Returns:
+            False when it does not fit yet (the head's lap would need a pad over
+            bytes the tail has not passed).
+        """
+        words = self._words
+        record = item.record
+        length = len(record)
+        head = words[_W_HEAD]
+        offset = head % self._log_size
+        if offset + length > self._log_size:
+            lap_end = head + (self._log_size - offset)
+            if lap_end - self._log_size > words[_W_TAIL]:
+                return False  # the pad would cover live bytes
+            _U32.pack_into(self._mm, self._log_offset + offset, _PAD_MAGIC)
+            words[_W_HEAD] = head = lap_end
+            offset = 0
+        if head + length > words[_W_TAIL] + self._log_size:
+            return False
+        _RECORD_POSITION.pack_into(record, 8, head)
+        value_end = RECORD_HEADER_BYTES + _U32.unpack_from(record, 20)[0]
+        _U32.pack_into(record, 4, zlib.crc32(memoryview(record)[8:value_end]))
+        dest = self._log_offset + offset
+        self._mm[dest : dest + length] = record
+        words[_W_HEAD] = head + length
+        if step_hook:
+            step_hook(9)
+        bucket, i = item.bucket, item.slot
+        if words[bucket + _POS_AT + i] == item.position:
+            version = words[bucket] | 1
+            words[bucket] = version
+            words[bucket + _POS_AT + i] = head
+            self._bytes[bucket * 8 + _REFS_AT_BYTE + i] = 0  # it survived this pass
+            words[bucket] = (version + 1) & U64_MASK
+        words[W_REINSERTED] = (words[W_REINSERTED] + 1) & U64_MASK
+        return True
 
     def _unindex(self, digest: bytes, position: int) -> None:
         """Drop the slot that points at the evicted record at ``position``, if any."""
@@ -532,6 +666,7 @@ class Arena:
         words[bucket + _POS_AT + i] = 0
         words[bucket + _LLM_AT + i] = 0
         self._halves[lens_at + i] = 0
+        self._bytes[bucket * 8 + _REFS_AT_BYTE + i] = 0
         words[bucket] = (version + 1) & U64_MASK
 
     def _index(self, digest: bytes, llm_hash: int, position: int, length: int) -> None:
@@ -549,14 +684,18 @@ class Arena:
         elif 0 in tags:
             i = tags.index(0)
         else:
-            # A full bucket drops its own oldest entry.
+            # A full bucket drops its oldest entry not read since written (or since
+            # it last survived an eviction pass); if all were read, its oldest.
             positions = _EIGHT_U64.unpack_from(self._mm, (bucket + _POS_AT) * 8)
-            i = positions.index(min(positions))
+            refs_at = bucket * 8 + _REFS_AT_BYTE
+            unread = [p for k, p in enumerate(positions) if not self._bytes[refs_at + k]]
+            i = positions.index(min(unread or positions))
             self._clear_slot(bucket, i)
             self.add_counter(W_EVICTIONS, 1)
         version = words[bucket] | 1
         words[bucket] = version
         words[bucket + _POS_AT + i] = position
+        self._bytes[bucket * 8 + _REFS_AT_BYTE + i] = 0  # written: not read since
         if step_hook:
             step_hook(6)
         words[bucket + _LLM_AT + i] = llm_hash

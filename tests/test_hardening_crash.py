@@ -269,6 +269,48 @@ def test_crash_at_write_step(tmp_path: Path, scenario: str, step: int) -> None:
         sc.cache.unlink()
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("step", [8, 9])
+def test_crash_while_reappending_a_read_record(tmp_path: Path, step: int) -> None:
+    """SIGKILL while an update re-appends a read record at the head (CLOCK): no key
+    reads a wrong value, the re-appended key at worst becomes a miss, the next writer
+    proceeds, and ``check`` finds nothing."""
+    cache = _open(tmp_path)
+    log_size = cache._arena.geometry.log_size
+    expected: dict[str, Values] = {}
+    i = 0
+    try:
+        # Fill past a full lap, then read everything stored: the tail is referenced.
+        while word(cache.path, HEAD_WORD_BYTE) < log_size * 2.2:
+            expected[f"r{i}"] = _value(f"r{i}", "v1", 3000 + 37 * i % 900)
+            cache.update(f"r{i}", LLM, expected[f"r{i}"])
+            i += 1
+        for prompt in expected:
+            cache.lookup(prompt, LLM)
+        with Children() as children:
+
+            def crash() -> int:
+                logging.disable(logging.WARNING)
+                shmcache._arena.step_hook = kill_at_step(step)
+                cache.update("fresh", LLM, _value("fresh", "new", 3000))
+                return 3  # not reached: the hook kills the process
+
+            pid = children.spawn(crash)
+            assert children.wait(pid, CHILD_DEADLINE_S) == -signal.SIGKILL
+        wrong = [
+            p for p, v in expected.items() if cache.lookup(p, LLM) not in (None, v)
+        ]
+        assert wrong == []
+        cache.update("after", LLM, _value("after", "v", 500))  # the next writer
+        assert cache.stats().skipped == 0
+        assert cache.lookup("after", LLM) == _value("after", "v", 500)
+        assert [p for p, v in expected.items() if cache.lookup(p, LLM) not in (None, v)] == []
+        assert cache.check() == []
+    finally:
+        cache.close()
+        cache.unlink()
+
+
 # -- random kills under load ------------------------------------------------------
 
 KEYS = 120
