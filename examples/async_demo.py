@@ -110,7 +110,8 @@ async def _demo(distinct: int, repeat: int, delay_s: float) -> tuple[RoundResult
     """Ask each distinct prompt once, then all of them ``repeat`` times, all at once."""
     model = SlowEchoChatModel(delay_s=delay_s)
     unique = [f"Async question {i}: what does await do?" for i in range(distinct)]
-    # First occurrences first: concurrent identical misses would each call the model.
+    # Two rounds: the loop is watched while model calls are in flight, then on hits.
+    # (Concurrent identical misses would cost one call anyway: they coalesce.)
     first = await ask_round(model, unique)
     repeated = unique * repeat
     repeats = await ask_round(model, repeated)

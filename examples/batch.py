@@ -6,19 +6,22 @@ spread over a pool of ``--workers`` processes. It runs twice -- first without a
 cache, then with a ``SharedMemoryCache`` that all pool workers attach to -- and
 prints how many model calls each run made and how long it took.
 
-    python examples/batch.py                      # defaults, about 10 s
+    python examples/batch.py                      # defaults, about 6 s
     python examples/batch.py --workers 8 --prompts 400 --distinct 20 --delay 0.1
     python examples/batch.py --json               # summary as one JSON line
 
-Requests go out in two waves: first one request per distinct prompt, then all the
-repeats. A cache answers what is already stored; it does not merge identical
-requests that are in flight at the same moment (both would miss and both would
-call the model). Sending first occurrences first is what makes every repeat a hit.
+The requests go out in random (``--seed``) order, all in one go: a prompt's first
+occurrence is often in flight in one worker while its repeats reach the others.
+Those repeats do not call the model again: the cache coalesces concurrent identical
+misses (``coalesce=True``, the default), so the first miss calls the model and the
+other workers wait for its answer (``stats().coalesced``). Model calls equal the
+number of distinct prompts, whatever the order.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import multiprocessing
@@ -26,6 +29,7 @@ import multiprocessing.util
 import random
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -40,12 +44,22 @@ from shmcache import SharedMemoryCache
 
 _model: SlowEchoChatModel | None = None
 
+# The longest the pool's start-up may take (the workers meet at a barrier).
+STARTUP_TIMEOUT_S = 60.0
 
-def _init_worker(cache: SharedMemoryCache | None, delay_s: float, calls_file: str) -> None:
+
+def _init_worker(
+    cache: SharedMemoryCache | None,
+    delay_s: float,
+    calls_file: str,
+    ready: threading.Barrier,
+) -> None:
     """Pool initializer: install the cache (or none) and build this worker's model.
 
     ``cache`` arrives inherited (``fork``) or pickled by name (``spawn``,
     ``forkserver``); either way it attaches to the same segment as the parent's.
+    Every worker then waits at ``ready`` for the others and the parent, so the
+    first requests really go out at once and start-up is not timed.
     """
     global _model
     set_llm_cache(cache)
@@ -55,6 +69,9 @@ def _init_worker(cache: SharedMemoryCache | None, delay_s: float, calls_file: st
         # and frees its counter slot (its counts are already in the segment).
         multiprocessing.util.Finalize(None, cache.close, exitpriority=10)
     _model = SlowEchoChatModel(delay_s=delay_s, calls_file=calls_file)
+    # A worker the pool starts in place of a dead one finds the barrier broken.
+    with contextlib.suppress(threading.BrokenBarrierError):
+        ready.wait(STARTUP_TIMEOUT_S)
 
 
 def _ask(prompt: str) -> tuple[str, str]:
@@ -120,43 +137,46 @@ class RunResult:
     wrong_answers: int
 
 
-def make_prompts(total: int, distinct: int, seed: int) -> tuple[list[str], list[str]]:
+def make_prompts(total: int, distinct: int, seed: int) -> list[str]:
     """Build the batch: ``total`` requests drawn from ``distinct`` prompts.
 
     Returns:
-        ``(first_wave, second_wave)``: each distinct prompt once, then the
-        ``total - distinct`` repeats in random order.
+        Each distinct prompt at least once, ``total`` requests in all, shuffled
+        with ``seed``: first occurrences and repeats mixed, no waves.
     """
     rng = random.Random(seed)
     topics = ["shared memory", "pre-fork servers", "LRU eviction", "event loops", "mmap"]
     unique = [
         f"Question {i}: explain {topics[i % len(topics)]} in one sentence." for i in range(distinct)
     ]
-    repeats = [rng.choice(unique) for _ in range(total - distinct)]
-    return unique, repeats
+    prompts = unique + [rng.choice(unique) for _ in range(total - distinct)]
+    rng.shuffle(prompts)
+    return prompts
 
 
 def run_batch(
-    waves: Sequence[Sequence[str]],
+    prompts: Sequence[str],
     *,
     workers: int,
     delay_s: float,
     cache: SharedMemoryCache | None,
     label: str,
 ) -> RunResult:
-    """Send ``waves`` one after the other through a fresh pool; count model calls."""
-    total = sum(len(w) for w in waves)
+    """Send ``prompts``, in order and all at once, through a fresh pool; count model calls."""
     wrong = 0
     with tempfile.TemporaryDirectory(prefix="shmcache-batch-") as tmp:
         calls_file = str(Path(tmp) / "model-calls.log")
-        progress = Progress(label, total)
-        started = time.monotonic()
-        pool = multiprocessing.Pool(workers, _init_worker, (cache, delay_s, calls_file))
+        ready = multiprocessing.Barrier(workers + 1)
+        pool = multiprocessing.Pool(workers, _init_worker, (cache, delay_s, calls_file, ready))
         try:
-            for wave in waves:
-                for prompt, answer in pool.imap_unordered(_ask, wave):
-                    wrong += answer != expected_answer(prompt)
-                    progress.advance()
+            ready.wait(STARTUP_TIMEOUT_S)  # every worker is up: start the clock
+            ready.abort()  # a replacement worker must not wait for anyone
+            progress = Progress(label, len(prompts))
+            started = time.monotonic()
+            # chunksize=1: each free worker takes the next request in the list.
+            for prompt, answer in pool.imap_unordered(_ask, prompts):
+                wrong += answer != expected_answer(prompt)
+                progress.advance()
         except BaseException:
             pool.terminate()
             raise
@@ -177,13 +197,18 @@ def _format_summary(summary: dict[str, Any]) -> Iterable[str]:
     st = summary["stats"]
     yield ""
     yield (
-        f"requests        {summary['requests']} ({summary['distinct']} distinct prompts, "
-        f"{summary['workers']} workers, model delay {summary['delay_s']:.2f} s)"
+        f"requests        {summary['requests']} ({summary['distinct']} distinct prompts in random "
+        f"order, seed {summary['seed']}, {summary['workers']} workers, "
+        f"model delay {summary['delay_s']:.2f} s)"
     )
     yield f"without cache   {plain['model_calls']:>5} model calls  {plain['seconds']:6.2f} s"
     yield (
         f"with shmcache   {cached['model_calls']:>5} model calls  {cached['seconds']:6.2f} s"
         f"   {summary['cache_hits']} cache hits, {summary['speedup']:.1f}x faster"
+    )
+    yield (
+        f"coalesced       {summary['coalesced']:>5} of the hits waited for that prompt's model "
+        "call in another worker"
     )
     if summary["wrong_answers"]:
         yield f"WRONG ANSWERS   {summary['wrong_answers']}"
@@ -219,25 +244,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the batch without, then with the cache, and print the summary."""
     args = parse_args(argv)
-    waves = make_prompts(args.prompts, args.distinct, args.seed)
+    prompts = make_prompts(args.prompts, args.distinct, args.seed)
     common = {"workers": args.workers, "delay_s": args.delay}
 
-    plain = run_batch(waves, cache=None, label="without cache", **common)
+    plain = run_batch(prompts, cache=None, label="without cache", **common)
     cache = SharedMemoryCache(args.name, directory=args.directory)
     try:
         before = cache.stats()
-        cached = run_batch(waves, cache=cache, label="with shmcache", **common)
+        cached = run_batch(prompts, cache=cache, label="with shmcache", **common)
         # The pool workers closed their handles, so their counts are in.
         after = _stats_dict(cache)
         summary: dict[str, Any] = {
             "requests": args.prompts,
             "distinct": args.distinct,
+            "seed": args.seed,
             "workers": args.workers,
             "delay_s": args.delay,
             "uncached": dataclasses.asdict(plain),
             "cached": dataclasses.asdict(cached),
             "model_calls": cached.model_calls,
             "cache_hits": after["hits"] - before.hits,
+            "coalesced": after["coalesced"] - before.coalesced,
             "wrong_answers": plain.wrong_answers + cached.wrong_answers,
             "speedup": plain.seconds / max(cached.seconds, 1e-9),
             "stats": after,

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import re
 import select
 import signal
@@ -40,6 +41,7 @@ pytestmark = pytest.mark.skipif(os.name != "posix", reason="shmcache and gunicor
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 GUNICORN_CONF = EXAMPLES / "gunicorn_app" / "gunicorn.conf.py"
+BURST = EXAMPLES / "gunicorn_app" / "burst.py"
 BATCH = EXAMPLES / "batch.py"
 
 MODEL_DELAY_S = 0.08  # long enough to matter, short enough for a 2-core CI box
@@ -101,6 +103,19 @@ def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM) -> None
         proc.wait(timeout=5)
 
 
+def run_example(script: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run an example script with a bounded wait; fail with its output if it fails."""
+    proc = subprocess.run(
+        [sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
 @pytest.fixture
 def workdir() -> Iterator[Path]:
     """A private temp directory, removed (with any segment in it) after the test."""
@@ -118,16 +133,17 @@ def cache_name(workdir: Path) -> Iterator[str]:
 
 @pytest.fixture
 def examples() -> Iterator[dict[str, ModuleType]]:
-    """Import ``fake_model`` and ``async_demo`` from examples/, then forget them again."""
+    """Import ``fake_model``, ``async_demo`` and ``batch`` from examples/, then forget them."""
     sys.path.insert(0, str(EXAMPLES))
     try:
         import async_demo
+        import batch
         import fake_model
 
-        yield {"fake_model": fake_model, "async_demo": async_demo}
+        yield {"fake_model": fake_model, "async_demo": async_demo, "batch": batch}
     finally:
         sys.path.remove(str(EXAMPLES))
-        for mod in ("async_demo", "fake_model"):
+        for mod in ("async_demo", "batch", "fake_model"):
             sys.modules.pop(mod, None)
 
 
@@ -142,7 +158,9 @@ def expected_answer(prompt: str) -> str:
 class Gunicorn:
     """A gunicorn master serving examples/gunicorn_app, started and stopped by pid."""
 
-    def __init__(self, workdir: Path, name: str, deploy: str) -> None:
+    def __init__(
+        self, workdir: Path, name: str, deploy: str, delay_s: float = MODEL_DELAY_S
+    ) -> None:
         self.port = free_port()
         self.log_path = workdir / f"gunicorn-{deploy}.log"
         self.calls_file = workdir / "model-calls.log"
@@ -150,7 +168,7 @@ class Gunicorn:
             **os.environ,
             "SHMCACHE_DEMO_NAME": name,
             "SHMCACHE_DEMO_DIR": str(workdir / "cache"),
-            "SHMCACHE_DEMO_DELAY": str(MODEL_DELAY_S),
+            "SHMCACHE_DEMO_DELAY": str(delay_s),
             "SHMCACHE_DEMO_CALLS_FILE": str(self.calls_file),
             "SHMCACHE_DEMO_PORT": str(self.port),
             "SHMCACHE_DEMO_DEPLOY": deploy,
@@ -218,12 +236,12 @@ class Gunicorn:
 
 
 @pytest.fixture
-def gunicorn(workdir: Path, cache_name: str) -> Iterator[Callable[[str], Gunicorn]]:
+def gunicorn(workdir: Path, cache_name: str) -> Iterator[Callable[..., Gunicorn]]:
     """Factory starting gunicorn with a deployment style; every server is stopped after."""
     servers: list[Gunicorn] = []
 
-    def start(deploy: str) -> Gunicorn:
-        server = Gunicorn(workdir, cache_name, deploy)
+    def start(deploy: str, delay_s: float = MODEL_DELAY_S) -> Gunicorn:
+        server = Gunicorn(workdir, cache_name, deploy, delay_s)
         servers.append(server)
         server.wait_ready()
         return server
@@ -238,20 +256,18 @@ def gunicorn(workdir: Path, cache_name: str) -> Iterator[Callable[[str], Gunicor
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("deploy", ["preload", "post_fork"])
 def test_gunicorn_workers_share_one_cache(
-    gunicorn: Callable[[str], Gunicorn], workdir: Path, cache_name: str, deploy: str
+    gunicorn: Callable[..., Gunicorn], workdir: Path, cache_name: str, deploy: str
 ) -> None:
     server = gunicorn(deploy)
     prompts = [f"{deploy} question {i}: why share a cache?" for i in range(6)]
 
-    # First request per prompt one at a time: concurrent misses of one prompt
-    # would each (rightly) call the model.
-    pids = {server.ask(p)["worker_pid"] for p in prompts}
-    assert calls_in(server.calls_file) == Counter(prompts)
-
-    repeats = prompts * 8
+    # Random order, 8 at a time, no first wave: a prompt's first request and its
+    # repeats are in flight in different workers at once.
+    requests = prompts * 9
+    random.Random(0).shuffle(requests)
     with ThreadPoolExecutor(max_workers=8) as pool:
-        answers = list(pool.map(server.ask, repeats))
-    pids |= {a["worker_pid"] for a in answers}
+        answers = list(pool.map(server.ask, requests))
+    pids = {a["worker_pid"] for a in answers}
 
     # Exactly one model call per distinct prompt, whichever worker served it.
     assert calls_in(server.calls_file) == Counter(prompts)
@@ -265,13 +281,14 @@ def test_gunicorn_workers_share_one_cache(
     assert server.proc.returncode == 0, server.log()
     with SharedMemoryCache(cache_name, directory=str(workdir / "cache")) as cache:
         stats = cache.stats()
-    assert (stats.hits, stats.misses, stats.entries) == (len(repeats), len(prompts), len(prompts))
+    hits = len(requests) - len(prompts)
+    assert (stats.hits, stats.misses, stats.entries) == (hits, len(prompts), len(prompts))
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("deploy", ["preload", "post_fork"])
 def test_gunicorn_respawned_worker_keeps_the_cache(
-    gunicorn: Callable[[str], Gunicorn], deploy: str
+    gunicorn: Callable[..., Gunicorn], deploy: str
 ) -> None:
     server = gunicorn(deploy)
     prompts = [f"{deploy} respawn question {i}" for i in range(4)]
@@ -300,28 +317,74 @@ def test_gunicorn_respawned_worker_keeps_the_cache(
     # Everything after the first round was a hit, the new worker's answers included.
     assert calls_in(server.calls_file) == Counter(prompts)
 
-    # A prompt first asked after the respawn still costs one call on the whole host.
+    # A prompt first asked after the respawn, 12 times at once, still costs one
+    # call on the whole host.
     fresh = f"{deploy} asked after the respawn"
-    server.ask(fresh)
     with ThreadPoolExecutor(max_workers=6) as pool:
         list(pool.map(server.ask, [fresh] * 12))
     assert calls_in(server.calls_file) == Counter([*prompts, fresh])
 
 
+# The burst test's model call lasts this long: the window in which the burst's
+# other requests reach the other workers and wait for it (they arrive within
+# milliseconds). A slower box only turns waits into plain hits: the model-call
+# count does not depend on it. tests/test_coalesce_servers.py holds the call
+# until the waits are seen, for the strict version.
+BURST_DELAY_S = 0.5
+BURST_REQUESTS = 12
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("deploy", ["preload", "post_fork"])
+def test_gunicorn_burst_makes_one_model_call(
+    gunicorn: Callable[..., Gunicorn], deploy: str
+) -> None:
+    """examples/gunicorn_app/burst.py: N concurrent identical first requests, 1 model call."""
+    server = gunicorn(deploy, delay_s=BURST_DELAY_S)
+    prompt = f"{deploy}: a question nobody asked before"
+    url = f"http://127.0.0.1:{server.port}"
+    args = ["--url", url, "--requests", str(BURST_REQUESTS), "--prompt", prompt]
+    proc = run_example(BURST, *args, "--json")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    assert result["errors"] == [], result
+    assert result["answered"] == BURST_REQUESTS
+    assert result["answers"] == [expected_answer(prompt)]
+    assert calls_in(server.calls_file) == Counter({prompt: 1})
+    # What /stats shows: one miss (the model call), every other request a hit,
+    # and the requests that reached other workers during the call coalesced.
+    delta = result["delta"]
+    assert (delta["misses"], delta["hits"], delta["updates"]) == (1, BURST_REQUESTS - 1, 1)
+    assert delta["coalesced"] >= 1, result
+    assert delta["coalesce_timeouts"] == delta["uncoalesced"] == 0, result
+    assert len(result["workers"]) > 1, f"only worker {result['workers']} answered"
+    assert set(result["workers"]) <= set(server.booted_pids())
+
+    # The plain-text summary of a second burst of the same (now cached) prompt.
+    proc = run_example(BURST, *args)
+    assert "misses +0 (= model calls), hits +12, coalesced +0" in proc.stdout, proc.stdout
+    assert calls_in(server.calls_file) == Counter({prompt: 1})
+
+
 # --- batch.py ------------------------------------------------------------------
 
 
-def run_batch(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run examples/batch.py with a bounded wait; fail with its output if it fails."""
-    proc = subprocess.run(
-        [sys.executable, str(BATCH), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    return proc
+def last_json_line(proc: subprocess.CompletedProcess[str]) -> Any:
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_batch_order_is_random_with_no_waves(examples: dict[str, ModuleType]) -> None:
+    """batch.py sends every distinct prompt at least once, shuffled: no first wave."""
+    make_prompts = examples["batch"].make_prompts
+    for total, distinct in [(100, 10), (30, 5)]:  # the defaults, the test below
+        prompts = make_prompts(total, distinct, 0)
+        assert len(prompts) == total and len(set(prompts)) == distinct
+        assert make_prompts(total, distinct, 0) == prompts  # seeded
+        assert make_prompts(total, distinct, 1) != prompts
+        first_seen = [prompts.index(p) for p in set(prompts)]
+        first_repeat = next(i for i, p in enumerate(prompts) if prompts.index(p) < i)
+        # A repeat goes out before some prompt's first occurrence.
+        assert first_repeat < max(first_seen), "first occurrences come first"
 
 
 @pytest.mark.timeout(90)
@@ -330,27 +393,48 @@ def test_batch_summary(workdir: Path, cache_name: str) -> None:
     sizes = ["--workers", "3", "--prompts", "30", "--distinct", "5", "--delay", "0.05"]
     where = ["--name", cache_name, "--directory", str(cache_dir)]
 
-    proc = run_batch(*sizes, *where, "--json")
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    proc = run_example(BATCH, *sizes, *where, "--json")
+    summary = last_json_line(proc)
     assert summary["requests"] == 30
     assert summary["uncached"]["model_calls"] == 30
-    assert summary["model_calls"] == summary["cached"]["model_calls"] == 5
+    # Random order, no waves: still one model call per distinct prompt.
+    assert summary["model_calls"] == summary["cached"]["model_calls"] == summary["distinct"] == 5
     assert summary["cache_hits"] == 30 - 5 == summary["stats"]["hits"]
-    assert summary["stats"]["entries"] == 5
+    assert summary["coalesced"] == summary["stats"]["coalesced"] <= summary["cache_hits"]
+    assert summary["stats"]["misses"] == 5 and summary["stats"]["entries"] == 5
+    assert summary["stats"]["coalesce_timeouts"] == summary["stats"]["uncoalesced"] == 0
     assert summary["wrong_answers"] == 0
     assert "30/30" in proc.stderr  # the progress bar ran to the end
     assert not Path(summary["segment"]).exists(), "segment not unlinked without --keep"
 
     # --keep leaves a warm segment; the next run finds every answer in it.
-    proc = run_batch(*sizes, *where, "--keep")
+    proc = run_example(BATCH, *sizes, *where, "--keep")
     assert "with shmcache" in proc.stdout and "cache hits" in proc.stdout
+    assert "coalesced" in proc.stdout and "random order" in proc.stdout
     assert Path(summary["segment"]).exists(), "segment removed despite --keep"
 
-    proc = run_batch(*sizes, *where, "--json")
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    proc = run_example(BATCH, *sizes, *where, "--json")
+    summary = last_json_line(proc)
     assert summary["model_calls"] == 0
     assert summary["cache_hits"] == 30
+    assert summary["coalesced"] == 0
     assert not Path(summary["segment"]).exists()
+
+
+@pytest.mark.timeout(90)
+def test_batch_one_prompt_burst(workdir: Path, cache_name: str) -> None:
+    """Every worker's first request is the same new prompt: one model call in all."""
+    workers, total = 4, 12
+    sizes = ["--workers", str(workers), "--prompts", str(total), "--distinct", "1"]
+    where = ["--name", cache_name, "--directory", str(workdir / "cache")]
+    # The model call lasts 0.3 s; the pool's workers start together (they meet at
+    # a barrier), so the others ask within milliseconds and wait for it.
+    summary = last_json_line(run_example(BATCH, *sizes, "--delay", "0.3", *where, "--json"))
+    assert summary["uncached"]["model_calls"] == total
+    assert summary["model_calls"] == 1
+    assert summary["cache_hits"] == total - 1
+    assert 1 <= summary["coalesced"] <= workers - 1, summary
+    assert summary["wrong_answers"] == 0
 
 
 # --- asyncio -------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """A tiny WSGI app (stdlib only) whose chat model answers from a shared cache.
 
 Every gunicorn worker answers ``POST /ask`` through the same ``SharedMemoryCache``,
-so a prompt costs one model call on the whole host, whichever worker gets it.
+so a prompt costs one model call on the whole host, whichever worker gets it --
+even when several workers get it at the same moment: their lookups wait for the
+first one's model call (coalescing). ``burst.py`` beside this file shows it.
 
 Endpoints:
 

@@ -12,8 +12,9 @@ Two ways to give pre-forked workers a shared cache, chosen by
   master (e.g. ``--reload``, or libraries that are not fork-safe).
 
 Either way every worker attaches to the same segment, so the model runs once per
-distinct prompt on the whole host. Other knobs: ``SHMCACHE_DEMO_PORT`` (8000),
-``SHMCACHE_DEMO_WORKERS`` (3); command-line options override this file.
+distinct prompt on the whole host, even for a burst of identical first requests
+(``burst.py``). Other knobs: ``SHMCACHE_DEMO_PORT`` (8000), ``SHMCACHE_DEMO_WORKERS``
+(3); command-line options override this file.
 """
 
 from __future__ import annotations
