@@ -8,8 +8,10 @@ Layout (all integers little-endian)::
   detected at open) followed by shared 64-bit words: log head and tail, the pid of
   a writer in progress and of the lock holder, the statistics counters, and a table
   of owner slots (one per open cache instance, see ``_owners.py``).
-* The **index** is set-associative: a key's digest picks a bucket of
-  ``SLOTS_PER_BUCKET`` slots; each slot holds a 64-bit tag, the record's log
+* The **index** is set-associative with two choices: a key's digest names two
+  buckets of ``SLOTS_PER_BUCKET`` slots, and the key goes in the first that has room
+  (short answers fill 8-way buckets unevenly long before the log is full;
+  two choices keep the index usable to ~95 % load); each slot holds a 64-bit tag, the record's log
   position, its length and a hash of its llm_string (for ``clear(llm_string=)``).
   Each bucket has a version word, odd while a writer changes it (a seqlock).
 * The **log** holds records back to back at monotonically growing positions
@@ -126,8 +128,10 @@ _REINSERT_MAX_BYTES: Final = 1 << 20
 _EIGHT_U64: Final = struct.Struct(f"<{SLOTS_PER_BUCKET}Q")
 _EIGHT_U32: Final = struct.Struct(f"<{SLOTS_PER_BUCKET}I")
 _TWO_U64: Final = struct.Struct("<QQ")
-# Index space is sized for entries averaging this many log bytes.
-_LOG_BYTES_PER_SLOT: Final = 512
+_THREE_U64: Final = struct.Struct("<QQQ")
+# Index space is sized for entries averaging this many log bytes: a 1 KB answer
+# takes ~1.2 KB of log, a short one ~400 B; two-choice buckets fill to ~95 %.
+_LOG_BYTES_PER_SLOT: Final = 384
 
 # Record: magic, crc32 (of everything after it), position, record length, value
 # length, expiry (unix seconds, 0 = never), llm_string hash, key digest.
@@ -358,6 +362,19 @@ class Arena:
     def _bucket_word(self, seed: int) -> int:
         return self._index_word + (seed % self._n_buckets) * _BUCKET_WORDS
 
+    def _buckets(self, digest: bytes) -> tuple[int, int]:
+        """The key's two candidate buckets (as word indexes; distinct when n > 1)."""
+        _, seed, seed2 = _THREE_U64.unpack_from(digest)
+        n = self._n_buckets
+        first = seed % n
+        second = seed2 % n
+        if second == first:
+            second = (first + 1) % n
+        return (
+            self._index_word + first * _BUCKET_WORDS,
+            self._index_word + second * _BUCKET_WORDS,
+        )
+
     def find(self, digest: bytes, now: float) -> memoryview | Contended | None:
         """Look up ``digest`` without the lock.
 
@@ -365,12 +382,19 @@ class Arena:
             The stored value bytes, None for a miss (absent, expired, overwritten,
             damaged), or ``CONTENDED`` when the caller should retry under the lock.
         """
-        tag, seed = _TWO_U64.unpack_from(digest)
+        tag, seed, seed2 = _THREE_U64.unpack_from(digest)
         tag |= 1  # as split_digest(), inlined: this is the hot path
-        bucket = self._index_word + (seed % self._n_buckets) * _BUCKET_WORDS
+        n = self._n_buckets
+        bucket = self._index_word + (seed % n) * _BUCKET_WORDS
         tags = _EIGHT_U64.unpack_from(self._mm, (bucket + _TAGS_AT) * 8)
         if tag not in tags:
-            return None  # absence needs no consistency check
+            second = seed2 % n
+            if second == seed % n:
+                second = (second + 1) % n
+            bucket = self._index_word + second * _BUCKET_WORDS
+            tags = _EIGHT_U64.unpack_from(self._mm, (bucket + _TAGS_AT) * 8)
+            if tag not in tags:
+                return None  # absence needs no consistency check
         # A key keeps its slot while it is replaced; should the slot be reused for
         # another key meanwhile, the record's digest check turns it into a miss.
         i = tags.index(tag)
@@ -392,10 +416,12 @@ class Arena:
 
     def find_locked(self, digest: bytes, now: float) -> memoryview | None:
         """*Locked.* Look up ``digest`` with no writer running."""
-        tag, seed = split_digest(digest)
-        bucket = self._bucket_word(seed)
-        tags = _EIGHT_U64.unpack_from(self._mm, (bucket + _TAGS_AT) * 8)
-        if tag not in tags:
+        tag, _ = split_digest(digest)
+        for bucket in self._buckets(digest):
+            tags = _EIGHT_U64.unpack_from(self._mm, (bucket + _TAGS_AT) * 8)
+            if tag in tags:
+                break
+        else:
             return None
         i = tags.index(tag)
         position = self._words[bucket + _POS_AT + i]
@@ -590,10 +616,11 @@ class Arena:
         self, start: int, position: int, length: int, digest: bytes
     ) -> _Pending | None:
         """The record at ``position`` if it is live and was read; else None (evict it)."""
-        _, seed = split_digest(digest)
-        bucket = self._bucket_word(seed)
-        positions = _EIGHT_U64.unpack_from(self._mm, (bucket + _POS_AT) * 8)
-        if position not in positions:
+        for bucket in self._buckets(digest):
+            positions = _EIGHT_U64.unpack_from(self._mm, (bucket + _POS_AT) * 8)
+            if position in positions:
+                break
+        else:
             return None  # overwritten or removed: dead space
         i = positions.index(position)
         if not self._bytes[bucket * 8 + _REFS_AT_BYTE + i]:
@@ -647,9 +674,12 @@ class Arena:
 
     def _unindex(self, digest: bytes, position: int) -> None:
         """Drop the slot that points at the evicted record at ``position``, if any."""
-        _, seed = split_digest(digest)
-        bucket = self._bucket_word(seed)
-        positions = _EIGHT_U64.unpack_from(self._mm, (bucket + _POS_AT) * 8)
+        for bucket in self._buckets(digest):
+            positions = _EIGHT_U64.unpack_from(self._mm, (bucket + _POS_AT) * 8)
+            if position in positions:
+                break
+        else:
+            return
         if position in positions:
             self._clear_slot(bucket, positions.index(position))
             self.add_counter(W_EVICTIONS, 1)
@@ -671,27 +701,29 @@ class Arena:
 
     def _index(self, digest: bytes, llm_hash: int, position: int, length: int) -> None:
         words = self._words
-        tag, seed = _TWO_U64.unpack_from(digest)
-        tag |= 1  # as split_digest(), inlined
-        bucket = self._index_word + (seed % self._n_buckets) * _BUCKET_WORDS
-        lens_at = (bucket * 8 + _LENS_AT_BYTE) // 4
-        tags = _EIGHT_U64.unpack_from(self._mm, (bucket + _TAGS_AT) * 8)
+        tag = (_TWO_U64.unpack_from(digest)[0]) | 1  # as split_digest(), inlined
+        first, second = self._buckets(digest)
+        tags = _EIGHT_U64.unpack_from(self._mm, (first + _TAGS_AT) * 8)
+        other = _EIGHT_U64.unpack_from(self._mm, (second + _TAGS_AT) * 8)
         new_entries = 1
-        if tag in tags:
-            i = tags.index(tag)  # replacing: the old record becomes dead space
-            self.add_counter(W_USED, -self._halves[lens_at + i])
+        if tag in tags or tag in other:
+            bucket = first if tag in tags else second
+            i = (tags if tag in tags else other).index(tag)
+            # Replacing: the old record becomes dead space.
+            self.add_counter(W_USED, -self._halves[(bucket * 8 + _LENS_AT_BYTE) // 4 + i])
             new_entries = 0
-        elif 0 in tags:
-            i = tags.index(0)
+        elif 0 in tags or 0 in other:
+            # The first bucket while it has room (so where a key lives is predictable),
+            # else the second: a key is crowded out only when both are full.
+            bucket = first if 0 in tags else second
+            i = (tags if bucket == first else other).index(0)
         else:
-            # A full bucket drops its oldest entry not read since written (or since
-            # it last survived an eviction pass); if all were read, its oldest.
-            positions = _EIGHT_U64.unpack_from(self._mm, (bucket + _POS_AT) * 8)
-            refs_at = bucket * 8 + _REFS_AT_BYTE
-            unread = [p for k, p in enumerate(positions) if not self._bytes[refs_at + k]]
-            i = positions.index(min(unread or positions))
+            # Both full: drop their oldest entry not read since written (or since it
+            # last survived an eviction pass); if all were read, their oldest.
+            bucket, i = self._bucket_victim(first, second)
             self._clear_slot(bucket, i)
             self.add_counter(W_EVICTIONS, 1)
+        lens_at = (bucket * 8 + _LENS_AT_BYTE) // 4
         version = words[bucket] | 1
         words[bucket] = version
         words[bucket + _POS_AT + i] = position
@@ -704,6 +736,16 @@ class Arena:
         words[bucket] = (version + 1) & U64_MASK
         words[W_ENTRIES] = (words[W_ENTRIES] + new_entries) & U64_MASK
         words[W_USED] = (words[W_USED] + length) & U64_MASK
+
+    def _bucket_victim(self, first: int, second: int) -> tuple[int, int]:
+        candidates = []
+        for bucket in (first, second):
+            positions = _EIGHT_U64.unpack_from(self._mm, (bucket + _POS_AT) * 8)
+            refs_at = bucket * 8 + _REFS_AT_BYTE
+            for k, position in enumerate(positions):
+                candidates.append((bool(self._bytes[refs_at + k]), position, bucket, k))
+        _, _, bucket, i = min(candidates)
+        return bucket, i
 
     def clear(self) -> None:
         """*Locked*, between :meth:`begin` and :meth:`end`. Remove every entry."""
@@ -758,14 +800,14 @@ class Arena:
         magic, crc, stored_position, stored_length, value_length, _, llm, digest = (
             _RECORD.unpack_from(record)
         )
-        tag, seed = split_digest(digest)
+        tag, _ = split_digest(digest)
         if magic != _RECORD_MAGIC or stored_position != position or stored_length != length:
             return f"points at log position {position}, which holds no such record"
         if RECORD_HEADER_BYTES + value_length > length or zlib.crc32(
             memoryview(record)[8 : RECORD_HEADER_BYTES + value_length]
         ) != crc:
             return f"points at a damaged record (crc mismatch) at log position {position}"
-        if tag != words[bucket + _TAGS_AT + i] or self._bucket_word(seed) != bucket:
+        if tag != words[bucket + _TAGS_AT + i] or bucket not in self._buckets(digest):
             return f"does not match the key of its record at log position {position}"
         if llm != words[bucket + _LLM_AT + i]:
             return f"has a wrong llm_string hash for its record at log position {position}"

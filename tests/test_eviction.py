@@ -62,3 +62,18 @@ def test_a_rewritten_entry_is_unread_again(make_cache: CacheFactory) -> None:
     for j in range(800):  # wrap the log more than once without reading "k"
         cache.update(f"f {j}", LLM, _value(f"f {j}", 1400))
     assert cache.lookup("k", LLM) is None
+
+
+def test_short_answers_that_fit_in_half_the_log_all_hit(make_cache: CacheFactory) -> None:
+    """Short answers fill 8-slot buckets unevenly long before the log is full; with
+    two-choice buckets a working set in half the log is all there after warm-up."""
+    cache = make_cache("short", size_bytes=1 << 20, coalesce=False)
+    log_size = cache._arena.geometry.log_size
+    value_bytes = cache._arena.record_bytes(len("x" * 330) + 60)  # ~460 B a record
+    keys = [f"short {i}" for i in range(log_size // 2 // value_bytes)]
+    for key in keys:
+        cache.update(key, LLM, [Generation(text=key.ljust(330, "."))])
+    for _ in range(2):  # warm-up, then the measured round
+        hits = sum(cache.lookup(key, LLM) is not None for key in keys)
+    assert cache.stats().evictions == 0
+    assert hits == len(keys)
