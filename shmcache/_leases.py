@@ -72,22 +72,26 @@ class LeaseTable:
         self._words = words
 
     def _window(self, tag: int) -> range:
-        start = (tag >> 1) % LEASE_ENTRIES
+        # Windows never wrap, so one strided read gets a window's tags.
+        start = (tag >> 1) % (LEASE_ENTRIES - WINDOW + 1)
         return range(start, start + WINDOW)
+
+    def _window_tags(self, tag: int) -> tuple[int, list[int]]:
+        """(first entry, the window's tags) in one strided read."""
+        start = (tag >> 1) % (LEASE_ENTRIES - WINDOW + 1)
+        base = _FIRST_WORD + start * _ENTRY_WORDS
+        return start, self._words[base : base + WINDOW * _ENTRY_WORDS : _ENTRY_WORDS].tolist()
 
     def _base(self, index: int) -> int:
         return _FIRST_WORD + (index % LEASE_ENTRIES) * _ENTRY_WORDS
 
     def find(self, tag: int) -> Lease | None:
         """The live entry for ``tag``, read without the lock; None if there is none."""
-        words = self._words
-        for i in self._window(tag):
-            base = self._base(i)
-            if words[base + _TAG] == tag:
-                lease = self.read(i % LEASE_ENTRIES)
-                if lease is not None and lease.tag == tag:
-                    return lease
-        return None
+        start, tags = self._window_tags(tag)
+        if tag not in tags:
+            return None
+        lease = self.read(start + tags.index(tag))
+        return lease if lease is not None and lease.tag == tag else None
 
     def read(self, index: int) -> Lease | None:
         """A consistent snapshot of entry ``index`` (None while it is being rewritten)."""
@@ -113,16 +117,12 @@ class LeaseTable:
             The entry index, or -1 when the key's window is full.
         """
         words = self._words
-        free = -1
-        for i in self._window(tag):
-            base = self._base(i)
-            current = words[base + _TAG]
-            if current == tag:
-                free = i
-                break
-            if current == 0 and free < 0:
-                free = i
-        if free < 0:
+        start, tags = self._window_tags(tag)
+        if tag in tags:
+            free = start + tags.index(tag)
+        elif 0 in tags:
+            free = start + tags.index(0)
+        else:
             return -1
         base = self._base(free)
         hook = _arena.step_hook
@@ -184,6 +184,6 @@ class LeaseTable:
                 found.append(f"lease {i} has an impossible key tag {tag:#x}")
             elif not 0 <= slot < _arena.PROCESS_SLOTS:
                 found.append(f"lease {i} names owner slot {slot}, outside the table")
-            elif i not in [j % LEASE_ENTRIES for j in self._window(tag)]:
+            elif i not in self._window(tag):
                 found.append(f"lease {i} is outside its key's window")
         return found

@@ -56,7 +56,7 @@ from pydantic import PrivateAttr
 import shmcache._arena
 from shmcache import CacheClosedError, ShmCacheError
 from shmcache._keys import key_digest, split_digest
-from shmcache._leases import LEASE_ENTRIES
+from shmcache._leases import LEASE_ENTRIES, WINDOW
 
 N = 8
 LLM = "llm"
@@ -595,7 +595,7 @@ def test_impossible_lease_entries_are_reported_and_never_block(make_cache: Cache
     cache = make_cache("hostile", coalesce_timeout=LONG_TIMEOUT_S)
     victim = "named by a damaged lease"
     tag = _tag(victim)
-    start = (tag >> 1) % LEASE_ENTRIES
+    start = (tag >> 1) % (LEASE_ENTRIES - WINDOW + 1)  # the key's lease window
     poke(cache.path, _lease_offset(start), _words(tag, (600 + 1) << 32, _U64_MAX, 1))
     poke(cache.path, _lease_offset(start + 40), _words(2, 1 << 32, _U64_MAX, 1))
     problems = cache.check()
