@@ -87,6 +87,15 @@ W_USED: Final = 41
 W_LOCK_PID: Final = 42
 # Records re-appended at the head because they were read (CLOCK), for benchmarks.
 W_REINSERTED: Final = 43
+# Words 120-126 belong to the remote tier (_remote.py): its counters, the clear log
+# this host follows and the host's poll schedule.  Nothing else may use them.
+W_REMOTE_HITS: Final = 120
+W_REMOTE_MISSES: Final = 121
+W_REMOTE_ERRORS: Final = 122
+W_CLEAR_EPOCH: Final = 123
+W_CLEAR_SEQ: Final = 124
+W_LOCAL_CLEARS: Final = 125
+W_NEXT_POLL_NS: Final = 126
 
 # Owner slots: a table of [pid, hits, misses, skipped, generation, ...] in the header,
 # one per open cache instance.  A slot is written only by the instance that holds its
@@ -352,6 +361,31 @@ class Arena:
             return tuple(sum(table[w::_PROCESS_SLOT_WORDS]) for w in _COUNTED_SLOT_WORDS)
         finally:
             table.release()
+
+    def counts(self) -> dict[str, int]:
+        """Every counter of :class:`~shmcache.CacheStats`, as the segment holds them now.
+
+        The one place that sums the header words and the owner table, for
+        ``stats()`` and the CLI alike (an instance adds what it has pending).
+        """
+        hits, misses, skipped, coalesced, timeouts, uncoalesced = self.process_totals()
+        words = self._words
+        return {
+            "hits": int(words[W_HITS]) + hits,
+            "misses": int(words[W_MISSES]) + misses,
+            "updates": int(words[W_UPDATES]),
+            "evictions": int(words[W_EVICTIONS]),
+            "skipped": int(words[W_SKIPPED]) + skipped,
+            "entries": int(words[W_ENTRIES]),
+            "used_bytes": int(words[W_USED]),
+            "size_bytes": self.geometry.size_bytes,
+            "coalesced": coalesced,
+            "coalesce_timeouts": timeouts,
+            "uncoalesced": uncoalesced,
+            "remote_hits": int(words[W_REMOTE_HITS]),
+            "remote_misses": int(words[W_REMOTE_MISSES]),
+            "remote_errors": int(words[W_REMOTE_ERRORS]),
+        }
 
     def lock_holder(self) -> int:
         """The pid recorded by the writer lock's holder (0: none recorded)."""

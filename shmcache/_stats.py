@@ -30,6 +30,14 @@ class CacheStats:
             ``coalesce_timeout`` seconds.
         uncoalesced: Misses that could not take a lease (lock not had in time, no
             free lease entry or owner slot) and so were not coalesced.
+        remote_hits: Lookups served by the remote tier (Redis) after a local miss,
+            directly or after waiting for another host's model call; also counted
+            in ``hits``.  The value is then in this host's segment too.
+        remote_misses: Lookups that asked the remote tier and found nothing usable
+            (absent, expired, or a value that failed its checks).
+        remote_errors: Remote calls that failed (timeout, connection refused, server
+            error).  Calls skipped while the remote is known to be down count in
+            none of the three.
     """
 
     hits: int
@@ -43,6 +51,9 @@ class CacheStats:
     coalesced: int = 0
     coalesce_timeouts: int = 0
     uncoalesced: int = 0
+    remote_hits: int = 0
+    remote_misses: int = 0
+    remote_errors: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """Return the counters as a plain dict (e.g. for JSON)."""

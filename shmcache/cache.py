@@ -10,26 +10,28 @@ import math
 import os
 import time
 import weakref
-from collections.abc import Callable, Sequence
-from typing import Any, Final, TypeVar
+from collections.abc import Callable, Generator, Sequence
+from typing import Any, Final, NamedTuple, TypeVar
 
 from langchain_core.caches import BaseCache
 from langchain_core.outputs import Generation
 
-from . import _arena, _callbacks, _owners
+from . import _arena, _callbacks, _owners, _remote
 from ._arena import CONTENDED, U64_MASK, Arena, Contended, Geometry
-from ._coalesce import LEASE_CALLER, Coalescer, caller_key, same_holder
+from ._coalesce import LEASE_CALLER, CallerKey, Coalescer, caller_key, same_holder
 from ._codec import (
     CodecError,
     CodecVersionError,
     UnencodableValueError,
+    decode_generations,
     decode_verified,
     encode_generations,
 )
 from ._errors import CacheClosedError, InvalidArgumentError, LockTimeoutError, ShmCacheError
 from ._keys import key_digest, llm_string_hash
-from ._leases import Lease, LeaseTable
+from ._leases import Lease, LeaseTable, owner_word
 from ._lock import UNLOCK, SegmentLock, flock
+from ._remote import FAILED, TAKEN, Fetched, RemoteTier
 from ._segment import (
     MappedFile,
     check_name,
@@ -58,6 +60,7 @@ _DEFAULT_SIZE: Final = _DefaultSize(DEFAULT_SIZE_BYTES)
 MIN_SIZE_BYTES: Final = _arena.MIN_SIZE_BYTES
 DEFAULT_LOCK_TIMEOUT_S: Final = 1.0
 DEFAULT_COALESCE_TIMEOUT_S: Final = 30.0
+DEFAULT_REMOTE_TIMEOUT_S: Final = _remote.DEFAULT_REMOTE_TIMEOUT_S
 # Hit/miss counts go to this instance's owner slot in the segment at once.  Only while
 # every slot is taken do they wait in the process, flushed under the lock at writes,
 # at close, and at least this often while the cache is in use.
@@ -109,6 +112,30 @@ class _Resources:
                 os.close(fd)
 
 
+class _Call(NamedTuple):
+    """A step of a remote flow: call the tier (sync: inline; async: a worker thread)."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+
+
+class _Locked(NamedTuple):
+    """A step of a remote flow: run ``fn(*args)`` under the writer lock."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+
+
+class _Sleep(NamedTuple):
+    """A step of a remote flow: pause (sync: ``time.sleep``; async: ``asyncio.sleep``)."""
+
+    seconds: float
+
+
+_Step = _Call | _Locked | _Sleep
+_Flow = Generator[_Step, Any, "list[Generation] | None"]
+
+
 def _check_seconds(name: str, value: object) -> float:
     """Validate a positive, finite number of seconds."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -148,11 +175,21 @@ class SharedMemoryCache(BaseCache):
             value.  Open caches that only peek (monitoring) with ``coalesce=False``.
         coalesce_timeout: The longest a lookup waits for one computing caller, in
             seconds (finite, > 0).
+        remote: None, a ``redis://``, ``rediss://`` or ``unix://`` URL, or a redis-py
+            client (``redis.Redis`` or ``RedisCluster``): a tier every host shares
+            behind this host's segment (extra ``shmcache[redis]``).  Lookups try the
+            segment, then Redis; updates and clears reach both; coalescing spans
+            hosts.  Nothing is contacted at open, and a Redis that is down or slow
+            never raises out of a cache call.
+        remote_timeout: The longest one remote call may take before it counts as
+            failed, in seconds (finite, > 0); after a failure the remote is skipped
+            until a background probe gets an answer.
 
     Raises:
         TypeError: an argument has the wrong type.
-        ValueError: an argument is out of range.
-        ShmCacheError: the segment cannot be opened (its subclasses say why).
+        ValueError: an argument is out of range, or ``remote`` has another scheme.
+        ShmCacheError: the segment cannot be opened (its subclasses say why), or
+            ``remote`` is set and the ``redis`` package is missing.
 
     Example:
         >>> from langchain_core.globals import set_llm_cache
@@ -172,11 +209,15 @@ class SharedMemoryCache(BaseCache):
         lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S,
         coalesce: bool = True,
         coalesce_timeout: float = DEFAULT_COALESCE_TIMEOUT_S,
+        remote: object = None,
+        remote_timeout: float = DEFAULT_REMOTE_TIMEOUT_S,
     ) -> None:
         self._name = check_name(name)
         if not isinstance(coalesce, bool):
             raise TypeError(f"coalesce must be a bool, not {type(coalesce).__name__}")
         self._coalesce_timeout = _check_seconds("coalesce_timeout", coalesce_timeout)
+        self._remote_timeout = _check_seconds("remote_timeout", remote_timeout)
+        remote_spec = _remote.parse_remote(remote)  # before any resource is taken
         if isinstance(size_bytes, bool) or not isinstance(size_bytes, int):
             raise TypeError(f"size_bytes must be an int, not {type(size_bytes).__name__}")
         if size_bytes < MIN_SIZE_BYTES:
@@ -214,6 +255,11 @@ class SharedMemoryCache(BaseCache):
         # Dropped without close(): give back the fds and the owner slot.
         self._finalizer = weakref.finalize(self, self._resources.release)
         self._coalescer = Coalescer(self, self._coalesce_timeout) if coalesce else None
+        # The remote tier (None without remote=): Redis leases this instance's callers
+        # hold, by caller and key digest, and the asyncio tasks watched for them.
+        self._remote: RemoteTier | None = None
+        self._remote_leases: dict[CallerKey, dict[bytes, str]] = {}
+        self._remote_watched: set[int] = set()
         actual = self._arena.geometry.size_bytes
         if not mapped.created and actual != size_bytes and type(size_bytes) is not _DefaultSize:
             logger.warning(
@@ -228,13 +274,26 @@ class SharedMemoryCache(BaseCache):
         self._suppressed: dict[str, int] = {}
         # (prompt, llm_string, digest) of this instance's last miss.
         self._last_miss: tuple[str | None, str | None, bytes] = (None, None, b"")
+        if remote_spec is not None:
+            created_ns = self._arena.geometry.created_ns
+            try:
+                self._remote = RemoteTier(
+                    remote_spec, self._name, self._remote_timeout,
+                    _remote.host_id(self._path, created_ns), created_ns,
+                )
+            except BaseException:
+                self.close()
+                raise
+            self._remote.start(self)  # its first poll runs in the background
         _OPEN_CACHES.add(self)
         _BY_SETTINGS[self._settings_key()] = self
 
     def _settings_key(self) -> tuple[object, ...]:
+        remote = self._remote
         return (
             self._path, self._ttl, self._lock_timeout, self._coalescer is not None,
-            self._coalesce_timeout,
+            self._coalesce_timeout, None if remote is None else remote.spec.identity,
+            self._remote_timeout,
         )
 
     def _read_geometry(self, mapped: MappedFile) -> Geometry:
@@ -270,11 +329,15 @@ class SharedMemoryCache(BaseCache):
             return counts
         if self._mapped is None:
             return None
+        if self._remote is not None:
+            self._remote.ensure_started()  # a fork no hook saw (uWSGI): a new poller
         if counts is not None:  # inherited across a fork: the parent's slot
             self._reset_local_counts()
             self._resources.slot = -1
             if self._coalescer is not None:
                 self._coalescer.forget_all()  # the parent's leases stay the parent's
+            self._remote_leases = {}
+            self._remote_watched = set()
         now = time.monotonic()
         if now < self._next_claim:
             return None
@@ -341,6 +404,16 @@ class SharedMemoryCache(BaseCache):
         return self._coalesce_timeout
 
     @property
+    def remote_timeout(self) -> float:
+        """The longest one remote call may take, in seconds."""
+        return self._remote_timeout
+
+    @property
+    def remote(self) -> str | None:
+        """Where the remote tier is (no password), or None without one."""
+        return None if self._remote is None else self._remote.where
+
+    @property
     def closed(self) -> bool:
         """True once :meth:`close` was called."""
         return self._mapped is None
@@ -387,6 +460,8 @@ class SharedMemoryCache(BaseCache):
                 arena.add_counter(_arena.W_HITS, hits)
                 arena.add_counter(_arena.W_MISSES, misses)
                 arena.add_counter(_arena.W_SKIPPED, skipped)
+        if self._remote is not None:
+            self._flush_remote_locked()
         self._next_flush = time.monotonic() + _FLUSH_INTERVAL_S
 
     def _maybe_flush(self, arena: Arena) -> None:
@@ -526,6 +601,8 @@ class SharedMemoryCache(BaseCache):
         arena.store(*prepared)
         if self._hits or self._misses or self._skipped:
             self._flush_locked(arena)
+        elif self._remote is not None:
+            self._flush_remote_locked()
         arena.end()
         if caller is not None and self._coalescer is not None:
             # Stored: the waiters find it now.  The caller's other leases end too.
@@ -546,13 +623,20 @@ class SharedMemoryCache(BaseCache):
         if caller is not None and self._coalescer is not None:
             self._coalescer.release(caller)
 
-    def _clear_locked(self, arena: Arena, llm_string: str | None) -> None:
+    def _clear_locked(
+        self, arena: Arena, llm_string: str | None, event: _remote.ClearEvent | None = None
+    ) -> None:
         arena.begin()
         if llm_string is None:
             arena.clear()
         else:
             removed = arena.clear_llm_string(llm_string_hash(llm_string))
             logger.debug("shmcache %r: cleared %d entries", self._name, removed)
+        words = self._arena_words
+        # Remote fills that asked Redis before this clear are dropped (_fill_locked).
+        words[_remote.W_LOCAL_CLEARS] = (words[_remote.W_LOCAL_CLEARS] + 1) & U64_MASK
+        if event is not None:
+            self._note_clear_locked(event)
         self._flush_locked(arena)
         arena.end()
 
@@ -613,7 +697,10 @@ class SharedMemoryCache(BaseCache):
     def lookup(self, prompt: str, llm_string: str) -> list[Generation] | None:
         """Return the generations stored for ``(prompt, llm_string)``, or None.
 
-        Each hit returns a new list of new objects, equal to what was stored.
+        Each hit returns a new list of new objects, equal to what was stored.  With a
+        remote tier, a local miss asks Redis (each call bounded by ``remote_timeout``,
+        skipped while Redis is known to be down); a value found there is stored in
+        this host's segment with its remaining TTL.
 
         Raises:
             TypeError: ``prompt`` or ``llm_string`` is not a ``str``.
@@ -629,7 +716,9 @@ class SharedMemoryCache(BaseCache):
         if found is None:
             self._last_miss = (prompt, llm_string, digest)  # update() comes next
             if self._coalescer is not None:
-                return self._coalesced_miss(arena, digest)
+                return self._coalesced_miss(arena, digest, llm_string)
+            if self._remote is not None:
+                return self._drive(self._remote_flow(arena, digest, llm_string, None))
             counts = self._counts
             if counts is not None and self._counts_pid == _getpid():
                 # The common miss, kept short.
@@ -650,7 +739,9 @@ class SharedMemoryCache(BaseCache):
         if found is None:
             self._last_miss = (prompt, llm_string, digest)  # aupdate() comes next
             if self._coalescer is not None:
-                return await self._acoalesced_miss(arena, digest)
+                return await self._acoalesced_miss(arena, digest, llm_string)
+            if self._remote is not None:
+                return await self._adrive(self._remote_flow(arena, digest, llm_string, None))
         if found is CONTENDED:
             found = (await self._arun_locked(self._find_repaired, arena, digest))[1]
         assert not isinstance(found, Contended)
@@ -672,7 +763,9 @@ class SharedMemoryCache(BaseCache):
                 self._count(_arena.SLOT_COALESCED)
         return generations
 
-    def _coalesced_miss(self, arena: Arena, digest: bytes) -> list[Generation] | None:
+    def _coalesced_miss(
+        self, arena: Arena, digest: bytes, llm_string: str
+    ) -> list[Generation] | None:
         """A miss with coalescing: compute (None), or wait for the computing caller."""
         coalescer = self._coalescer
         assert coalescer is not None
@@ -692,10 +785,14 @@ class SharedMemoryCache(BaseCache):
                 if self._mapped is None:
                     return None  # closed by another thread while we waited
                 self._count(_arena.SLOT_UNCOALESCED)
+                if self._remote is not None:
+                    return self._drive(self._remote_flow(arena, digest, llm_string, None))
                 return self._settle(None, False)
             if step.kind == "hit":
                 return self._settle(step.value, waited)
             if step.kind == "own":
+                if self._remote is not None:  # this host's computing caller asks Redis
+                    return self._drive(self._remote_flow(arena, digest, llm_string, caller))
                 return self._settle(None, False)
             assert step.lease is not None
             waited = True
@@ -707,7 +804,9 @@ class SharedMemoryCache(BaseCache):
                 return self._settle(value, True)
             # The lease ended without a value: take it over, or wait for the new owner.
 
-    async def _acoalesced_miss(self, arena: Arena, digest: bytes) -> list[Generation] | None:
+    async def _acoalesced_miss(
+        self, arena: Arena, digest: bytes, llm_string: str
+    ) -> list[Generation] | None:
         """:meth:`_coalesced_miss` for coroutines (waits with ``asyncio.sleep``)."""
         coalescer = self._coalescer
         assert coalescer is not None
@@ -727,11 +826,18 @@ class SharedMemoryCache(BaseCache):
                 if self._mapped is None:
                     return None
                 self._count(_arena.SLOT_UNCOALESCED)
+                if self._remote is not None:
+                    return await self._adrive(self._remote_flow(arena, digest, llm_string, None))
                 return self._settle(None, False)
             if step.kind == "hit":
                 return self._settle(step.value, waited)
             if step.kind == "own":
                 coalescer.watch_task(caller)  # a cancelled or failed task frees its waiters
+                if self._remote is not None:
+                    self._watch_remote_task(caller)
+                    return await self._adrive(
+                        self._remote_flow(arena, digest, llm_string, caller)
+                    )
                 return self._settle(None, False)
             assert step.lease is not None
             waited = True
@@ -742,6 +848,337 @@ class SharedMemoryCache(BaseCache):
             )
             if value is not None:
                 return self._settle(value, True)
+
+    # -- remote tier ----------------------------------------------------------------
+    #
+    # A local miss that reaches Redis runs as a *flow*: a generator that yields its
+    # blocking steps (remote calls, locked sections, pauses) to a driver, _drive for
+    # lookup and _adrive for alookup, so sync and async share one logic and the
+    # async one never blocks the loop (remote calls run in the tier's worker threads).
+    # No remote call is ever made holding the writer lock.
+
+    def _remote_flow(
+        self, arena: Arena, digest: bytes, llm_string: str, caller: CallerKey | None
+    ) -> _Flow:
+        """A local miss through the remote tier.
+
+        Args:
+            caller: This host's computing caller of the key (it holds the local lease):
+                it also coordinates with the other hosts through the Redis lease.  None
+                for a plain read (coalesce=False, or the miss went uncoalesced).
+
+        Returns (as the generator's value):
+            The generations found in Redis (also stored in the segment), or None: the
+            caller computes the value (or the cache was closed meanwhile).
+        """
+        remote = self._remote
+        assert remote is not None
+        remote.ensure_started()
+        llm_hash = llm_string_hash(llm_string)
+        words = self._arena_words
+        clears = int(words[_remote.W_LOCAL_CLEARS])
+        if caller is None:
+            fetched = yield _Call(remote.fetch, (digest, llm_hash))
+            found = yield from self._from_remote(arena, fetched, digest, llm_hash, None, clears)
+            return self._remote_miss(fetched) if found is None else self._remote_hit(found, False)
+        # This host's computing caller: the value, else the lease of every host.
+        token = self._lease_token()
+        timeout_s = self._coalesce_timeout
+        waited = False
+        waiting_for: str | None = None
+        patience = 0.0
+        delay = _remote.LEASE_POLL_FIRST_S
+        next_liveness = 0.0
+        # Redis answered: (value or None, holder or None); FAILED: it did not.
+        answer = yield _Call(remote.fetch_or_lease, (digest, llm_hash, token, timeout_s))
+        while True:
+            if not isinstance(answer, tuple):
+                return self._remote_miss(answer)  # Redis failed: compute (uncoordinated)
+            value, holder = answer
+            found = yield from self._from_remote(arena, value, digest, llm_hash, caller, clears)
+            if found is not None:
+                return self._remote_hit(found, waited)
+            if holder is None:  # a value that failed its checks: the lease on its own
+                holder = yield _Call(remote.take_lease, (digest, token, timeout_s))
+            if holder is TAKEN:
+                self._remote_leases.setdefault(caller, {})[digest] = token
+                return self._remote_miss(None)
+            if not isinstance(holder, str):
+                return self._remote_miss(holder)
+            # Another caller computes it (another host's, or a process here).
+            now = time.monotonic()
+            if holder != waiting_for:  # a new computing caller: our patience starts again
+                waiting_for, patience = holder, now + timeout_s
+            elif now >= patience:
+                # Waited our own coalesce_timeout for it: take over (others follow us).
+                self._count(_arena.SLOT_COALESCE_TIMEOUTS)
+                yield _Call(remote.force_lease, (digest, token, timeout_s))
+                self._remote_leases.setdefault(caller, {})[digest] = token
+                return self._remote_miss(None)
+            if now >= next_liveness:
+                next_liveness = now + _remote.LEASE_LIVENESS_EVERY_S
+                if self._holder_dead(holder):  # a dead process of this host: take it now
+                    yield _Call(remote.release, ([(digest, holder)],))
+                    answer = yield _Call(
+                        remote.fetch_or_lease, (digest, llm_hash, token, timeout_s)
+                    )
+                    continue
+            waited = True
+            yield _Sleep(delay)
+            delay = min(delay * 2, _remote.LEASE_POLL_MAX_S)
+            if self._mapped is None:
+                return None  # closed by another thread while we waited
+            clears = int(words[_remote.W_LOCAL_CLEARS])
+            polled = yield _Call(remote.poll, (digest, llm_hash))
+            if not isinstance(polled, tuple):
+                return self._remote_miss(polled)
+            value, current = polled
+            if isinstance(value, Fetched):
+                answer = (value, None)
+            elif current is not None:
+                answer = (None, current)
+            else:  # it ended without a value: take it, or follow whoever did
+                answer = yield _Call(remote.fetch_or_lease, (digest, llm_hash, token, timeout_s))
+
+    def _from_remote(
+        self, arena: Arena, fetched: object, digest: bytes, llm_hash: int,
+        caller: CallerKey | None, clears: int,
+    ) -> Generator[_Step, Any, list[Generation] | None]:
+        """Decode a remote value (hostile-input checks) and store it in the segment."""
+        if not isinstance(fetched, Fetched):
+            return None
+        remote = self._remote
+        assert remote is not None
+        try:
+            generations = decode_generations(fetched.payload)
+        except CodecVersionError:
+            return None  # another release's layout (rolling upgrade): a plain miss
+        except CodecError as exc:
+            remote.warn_undecodable(digest, llm_hash, str(exc))
+            return None
+        remote.count_hit()
+        fits = arena.record_bytes(len(fetched.payload)) <= arena.max_record_bytes
+        prepared = (digest, llm_hash, fetched.payload, fetched.expires) if fits else None
+        yield _Locked(self._fill_locked, (arena, digest, prepared, caller, clears))
+        return generations
+
+    def _fill_locked(
+        self,
+        arena: Arena,
+        digest: bytes,
+        prepared: tuple[bytes, int, bytes, float] | None,
+        caller: CallerKey | None,
+        clears: int,
+    ) -> None:
+        """*Locked.* Store a remote value in the segment (with Redis' remaining TTL).
+
+        Skipped when the segment was cleared since Redis was asked: the value may
+        predate the clear.  The caller's local lease of the key ends (only that one:
+        ``generate([p1, p2])`` may still compute p1).
+        """
+        if prepared is not None and self._arena_words[_remote.W_LOCAL_CLEARS] == clears:
+            self._store_locked(arena, prepared, None)
+        else:
+            self._flush_remote_locked()
+        coalescer = self._coalescer
+        if caller is not None and coalescer is not None:
+            held = coalescer._held.get(caller)
+            lease = None if held is None else held.pop(digest, None)
+            if lease is not None:
+                coalescer._table.release(lease.entry, lease.tag, lease.owner, lease.token)
+            if held is not None and not held:
+                coalescer._held.pop(caller, None)
+
+    def _remote_hit(self, generations: list[Generation], waited: bool) -> list[Generation]:
+        self._count(_arena.SLOT_HITS)
+        if waited:
+            self._count(_arena.SLOT_COALESCED)
+        return generations
+
+    def _remote_miss(self, outcome: object) -> list[Generation] | None:
+        """Count a lookup that Redis did not serve (its errors are counted already)."""
+        remote = self._remote
+        if remote is not None and outcome is not FAILED:
+            remote.count_miss()
+            self._remote_flush()
+        self._count(_arena.SLOT_MISSES)
+        if self._counts is None:
+            self._maybe_flush(self._arena)
+        return None
+
+    def _drive(self, flow: _Flow) -> list[Generation] | None:
+        """Run a remote flow for a sync caller."""
+        result: Any = None
+        while True:
+            try:
+                step = flow.send(result)
+            except StopIteration as stop:
+                value: list[Generation] | None = stop.value
+                return value
+            if type(step) is _Call:
+                result = step.fn(*step.args)
+            elif type(step) is _Locked:
+                result = self._run_locked(step.fn, *step.args)
+            else:
+                assert type(step) is _Sleep
+                time.sleep(step.seconds)
+                result = None
+
+    async def _adrive(self, flow: _Flow) -> list[Generation] | None:
+        """Run a remote flow in a coroutine: remote calls in worker threads, pauses
+        with ``asyncio.sleep``."""
+        remote = self._remote
+        assert remote is not None
+        result: Any = None
+        while True:
+            try:
+                step = flow.send(result)
+            except StopIteration as stop:
+                value: list[Generation] | None = stop.value
+                return value
+            if type(step) is _Call:
+                result = await remote.run(step.fn, *step.args)
+            elif type(step) is _Locked:
+                result = await self._arun_locked(step.fn, *step.args)
+            else:
+                assert type(step) is _Sleep
+                await asyncio.sleep(step.seconds)
+                result = None
+
+    def _lease_token(self) -> str:
+        remote = self._remote
+        assert remote is not None
+        counts = self._counts
+        generation = 0 if counts is None else int(counts[_arena.SLOT_GENERATION])
+        return _remote.lease_token(remote.host_id, self._resources.slot, generation)
+
+    def _holder_dead(self, token: str) -> bool:
+        """Is the Redis lease holder a process of this host that is provably dead?"""
+        parsed = _remote.parse_token(token)
+        remote = self._remote
+        coalescer = self._coalescer
+        if parsed is None or remote is None or coalescer is None or parsed[0] != remote.host_id:
+            return False  # another host's: its lease lapses with its PX
+        _, slot, generation = parsed
+        return not coalescer._owner_alive(Lease(0, 0, owner_word(slot, generation), 0, 0))
+
+    def _remote_put_args(
+        self, prepared: tuple[bytes, int, bytes, float]
+    ) -> tuple[tuple[Any, ...], list[tuple[bytes, str]]]:
+        """What an update sends to Redis, and the caller's other Redis leases to end."""
+        held = self._remote_leases.pop(caller_key(), None) or {}
+        digest, llm_hash, payload, expires = prepared
+        token = held.pop(digest, None)
+        return (digest, llm_hash, payload, expires, self._ttl, token), list(held.items())
+
+    def _end_remote_leases(self, caller: CallerKey, in_loop: bool | None = None) -> None:
+        """End a caller's Redis leases; from an event loop, in a worker thread."""
+        remote = self._remote
+        held = self._remote_leases.pop(caller, None)
+        if remote is None or not held:
+            return
+        items = list(held.items())
+        if in_loop is None:
+            try:
+                asyncio.get_running_loop()
+                in_loop = True
+            except RuntimeError:
+                in_loop = False
+        if in_loop:
+            with contextlib.suppress(RuntimeError):  # shut down by close() meanwhile
+                remote._executor_now().submit(remote.release, items)
+        else:
+            remote.release(items)
+
+    def _watch_remote_task(self, caller: CallerKey) -> None:
+        """A task that ends (cancelled, failed) without updating frees its Redis leases."""
+        task = asyncio.current_task()
+        if task is None or caller[1] in self._remote_watched:
+            return
+        self._remote_watched.add(caller[1])
+
+        def done(_: object) -> None:
+            self._remote_watched.discard(caller[1])
+            if not self.closed:
+                self._end_remote_leases(caller, in_loop=True)
+
+        task.add_done_callback(done)
+
+    def _remote_pending(self) -> bool:
+        remote = self._remote
+        return remote is not None and any(remote.pending_counts())
+
+    def _flush_remote_locked(self) -> None:
+        """*Locked.* Add this instance's pending remote counts to the header words.
+
+        Remote events are counted under the writer lock, not in the owner slot (its
+        eight words are all taken and the header has no room for a second per-slot
+        table): each one already costs a network round trip (~50 µs), so the lock
+        (~2 µs) is cheap, and it is tried at once after each event without waiting
+        (_remote_flush), so the counts stay exact even for a process killed later.
+        """
+        remote = self._remote
+        if remote is None:
+            return
+        words = self._arena_words
+        for word, delta in zip(_remote.REMOTE_WORDS, remote.take_counts()):  # noqa: B905
+            if delta:
+                words[word] = (words[word] + delta) & U64_MASK
+
+    # What the tier's poller thread calls (the RemoteHost protocol).
+
+    def _remote_flush(self) -> None:
+        if self._mapped is not None and self._remote_pending():
+            self._run_locked(self._flush_remote_locked, timeout_s=0.0)
+
+    def _remote_state(self) -> tuple[int, int]:
+        words = self._arena_words
+        return int(words[_remote.W_CLEAR_EPOCH]), int(words[_remote.W_CLEAR_SEQ])
+
+    def _remote_poll_due(self, interval_ns: int) -> bool:
+        words = self._arena_words
+        now = time.monotonic_ns()
+        due = int(words[_remote.W_NEXT_POLL_NS])
+        if now < due <= now + 2 * interval_ns:
+            return False  # another process of this host polls this turn
+        words[_remote.W_NEXT_POLL_NS] = now + interval_ns
+        return True
+
+    def _remote_apply(self, plan: _remote.ClearPlan) -> None:
+        if self._mapped is not None:
+            self._run_locked(self._apply_clears_locked, self._arena, plan)
+
+    def _apply_clears_locked(self, arena: Arena, plan: _remote.ClearPlan) -> None:
+        """*Locked.* Apply the clears of other hosts, once for this host."""
+        words = self._arena_words
+        if self._remote_state() != plan.expected:
+            return  # another process of the host got here first: it applied them
+        arena.begin()
+        if plan.full:
+            arena.clear()
+        else:
+            for llm_hash in sorted(plan.llm_hashes):
+                arena.clear_llm_string(llm_hash)
+        if plan.clears_anything:
+            words[_remote.W_LOCAL_CLEARS] = (words[_remote.W_LOCAL_CLEARS] + 1) & U64_MASK
+            logger.debug("shmcache %r: applied clears up to %d of the remote tier",
+                         self._name, plan.seq)
+        words[_remote.W_CLEAR_EPOCH] = plan.epoch
+        words[_remote.W_CLEAR_SEQ] = plan.seq
+        arena.end()
+
+    def _remote_own_clear(self, event: _remote.ClearEvent) -> None:
+        if self._mapped is not None:
+            self._run_locked(self._note_clear_locked, event)
+
+    def _note_clear_locked(self, event: _remote.ClearEvent) -> None:
+        """*Locked.* This process made (and applied here) the clear ``event``: the
+        host's poller need not apply it again, if nothing before it is missing."""
+        epoch, seq = self._remote_state()
+        if (epoch == event.epoch and seq == event.seq - 1) or event.seq == 1:
+            words = self._arena_words
+            words[_remote.W_CLEAR_EPOCH] = event.epoch
+            words[_remote.W_CLEAR_SEQ] = event.seq
 
     def release_leases(self) -> None:
         """End the calling thread's/task's leases (what ``on_llm_error`` does).
@@ -754,6 +1191,10 @@ class SharedMemoryCache(BaseCache):
             caller = LEASE_CALLER.get()  # the run's caller, when we run in a copy of it
             if caller is not None:
                 self._coalescer.release(caller)
+            if self._remote is not None:
+                self._end_remote_leases(caller_key())
+                if caller is not None:
+                    self._end_remote_leases(caller)
 
     def update(self, prompt: str, llm_string: str, return_val: Sequence[Generation]) -> None:
         """Store ``return_val`` for ``(prompt, llm_string)``, replacing any entry.
@@ -770,12 +1211,19 @@ class SharedMemoryCache(BaseCache):
         arena = self._open_arena()
         caller = self._update_caller()
         prepared = self._prepare(prompt, llm_string, return_val)
+        remote = self._remote
         if prepared is None:
             self._end_leases(caller)
+            if remote is not None:
+                self._end_remote_leases(caller_key())
             return
         if not self._run_locked(self._store_locked, arena, prepared, caller)[0]:
             self._skip_lock_timeout()
             self._end_leases(caller)
+        if remote is not None:  # then the other hosts (bounded by remote_timeout)
+            put, others = self._remote_put_args(prepared)
+            remote.put(*put)
+            remote.release(others)
 
     async def aupdate(
         self, prompt: str, llm_string: str, return_val: Sequence[Generation]
@@ -784,17 +1232,28 @@ class SharedMemoryCache(BaseCache):
         arena = self._open_arena()
         caller = self._update_caller()
         prepared = self._prepare(prompt, llm_string, return_val)
+        remote = self._remote
         if prepared is None:
             self._end_leases(caller)
+            if remote is not None:
+                self._end_remote_leases(caller_key())
             return
         if not (await self._arun_locked(self._store_locked, arena, prepared, caller))[0]:
             self._skip_lock_timeout()
             self._end_leases(caller)
+        if remote is not None:  # in a worker thread: the loop never waits for Redis
+            put, others = self._remote_put_args(prepared)
+            await remote.run(remote.put, *put)
+            if others:
+                await remote.run(remote.release, others)
 
     def clear(self, **kwargs: Any) -> None:
         """Remove every entry, or with ``llm_string=s`` only the entries stored under s.
 
-        The change is seen by every process at once.
+        The change is seen by every process of the host at once.  With a remote tier
+        the remote entries go first, then every other host's segment follows within
+        about a second.  A clear that cannot reach Redis is kept and made once Redis
+        answers again (while this process lives).
 
         Raises:
             TypeError: an unknown keyword, or a non-``str`` llm_string.
@@ -803,14 +1262,26 @@ class SharedMemoryCache(BaseCache):
         """
         arena = self._open_arena()
         llm_string = self._clear_target(kwargs)
-        if not self._run_locked(self._clear_locked, arena, llm_string)[0]:
+        event = None
+        if self._remote is not None:
+            event = self._remote.clear(None if llm_string is None else llm_string_hash(llm_string))
+        if not self._run_locked(self._clear_locked, arena, llm_string, event)[0]:
             raise self._timeout_error("clear")
 
     async def aclear(self, **kwargs: Any) -> None:
         """Async :meth:`clear`; waits for the lock without blocking the event loop."""
         arena = self._open_arena()
         llm_string = self._clear_target(kwargs)
-        if not (await self._arun_locked(self._clear_locked, arena, llm_string))[0]:
+        event = None
+        remote = self._remote
+        if remote is not None:
+            llm_hash = None if llm_string is None else llm_string_hash(llm_string)
+            result = await remote.run(remote.clear, llm_hash)
+            if isinstance(result, _remote.ClearEvent):
+                event = result
+            elif result is FAILED:  # not even tried (breaker open): keep it for later
+                remote.defer_clear(llm_hash)
+        if not (await self._arun_locked(self._clear_locked, arena, llm_string, event))[0]:
             raise self._timeout_error("clear")
 
     # -- statistics and lifetime ------------------------------------------------------
@@ -822,21 +1293,20 @@ class SharedMemoryCache(BaseCache):
         into its own slot in the segment), including those of processes that have
         since died or ended by ``os._exit``.
         """
-        arena = self._open_arena()
-        hits, misses, skipped, coalesced, timeouts, uncoalesced = arena.process_totals()
-        return CacheStats(
-            hits=arena.counter(_arena.W_HITS) + hits + self._hits,
-            misses=arena.counter(_arena.W_MISSES) + misses + self._misses,
-            updates=arena.counter(_arena.W_UPDATES),
-            evictions=arena.counter(_arena.W_EVICTIONS),
-            skipped=arena.counter(_arena.W_SKIPPED) + skipped + self._skipped,
-            entries=arena.counter(_arena.W_ENTRIES),
-            used_bytes=arena.counter(_arena.W_USED),
-            size_bytes=arena.geometry.size_bytes,
-            coalesced=coalesced,
-            coalesce_timeouts=timeouts,
-            uncoalesced=uncoalesced,
-        )
+        counts = self._open_arena().counts()
+        # What this instance has not published yet (only without an owner slot, or
+        # remote events waiting for the lock).
+        counts["hits"] += self._hits
+        counts["misses"] += self._misses
+        counts["skipped"] += self._skipped
+        if self._remote is not None:
+            for name, extra in zip(
+                ("remote_hits", "remote_misses", "remote_errors"),
+                self._remote.pending_counts(),
+                strict=True,
+            ):
+                counts[name] += extra
+        return CacheStats(**counts)
 
     def lock_holder(self) -> int | None:
         """The pid that the writer lock's current holder recorded, or None.
@@ -884,7 +1354,9 @@ class SharedMemoryCache(BaseCache):
             True if they were published, False if the lock was not had in time.
         """
         arena = self._open_arena()
-        if self._counts is not None and not (self._hits or self._misses or self._skipped):
+        if self._counts is not None and not (
+            self._hits or self._misses or self._skipped or self._remote_pending()
+        ):
             return True
         return self._run_locked(self._flush_repaired, arena)[0]
 
@@ -898,7 +1370,17 @@ class SharedMemoryCache(BaseCache):
         if mapped is None:
             return
         try:
-            if self._hits or self._misses or self._skipped or self._holds_leases():
+            remote = self._remote
+            if remote is not None:
+                # Other hosts' waiters go on at once; then stop the poller (it uses
+                # the mapping) before the mapping goes.
+                for caller in list(self._remote_leases):
+                    self._end_remote_leases(caller, in_loop=False)
+                remote.close()
+            if (
+                self._hits or self._misses or self._skipped or self._holds_leases()
+                or self._remote_pending()
+            ):
                 self._run_locked(self._detach_locked, self._arena)
         finally:
             self._mapped = None
@@ -948,10 +1430,12 @@ class SharedMemoryCache(BaseCache):
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # Pickles by name, never by content: the receiver attaches to the segment.
         self._open_arena()  # a closed cache does not come back to life in a pickle
+        remote = None if self._remote is None else self._remote.spec.reduce()
         return (
             _reopen,
             (self._name, self._directory_arg, self._ttl, self._lock_timeout,
-             self._requested_size, self._coalescer is not None, self._coalesce_timeout),
+             self._requested_size, self._coalescer is not None, self._coalesce_timeout,
+             remote, self._remote_timeout),
         )
 
 
@@ -963,6 +1447,8 @@ def _reopen(
     size_bytes: int = _DEFAULT_SIZE,
     coalesce: bool = True,
     coalesce_timeout: float = DEFAULT_COALESCE_TIMEOUT_S,
+    remote: str | None = None,
+    remote_timeout: float = DEFAULT_REMOTE_TIMEOUT_S,
 ) -> SharedMemoryCache:
     # Where the same cache is already open here (a pool worker that receives it
     # with every task), reuse that instance: no new fds, no new owner slot.
@@ -971,13 +1457,15 @@ def _reopen(
             resolve_directory(directory, create=False), check_name(name), _arena.FORMAT_VERSION
         )
         ttl_s = None if ttl is None else float(ttl)
-        key = (path, ttl_s, float(lock_timeout), coalesce, float(coalesce_timeout))
+        key = (path, ttl_s, float(lock_timeout), coalesce, float(coalesce_timeout), remote,
+               float(remote_timeout))
         existing = _BY_SETTINGS.get(key)
         if existing is not None and not existing.closed:
             return existing
     return SharedMemoryCache(
         name, size_bytes=size_bytes, ttl=ttl, directory=directory, lock_timeout=lock_timeout,
-        coalesce=coalesce, coalesce_timeout=coalesce_timeout,
+        coalesce=coalesce, coalesce_timeout=coalesce_timeout, remote=remote,
+        remote_timeout=remote_timeout,
     )
 
 
@@ -988,6 +1476,8 @@ def _after_fork_in_child() -> None:
         cache._resources.slot = -1
         if cache._coalescer is not None:
             cache._coalescer.forget_all()
+        cache._remote_leases = {}  # the parent's callers' (the tier resets itself)
+        cache._remote_watched = set()
 
 
 def _release_leases_of_current_caller() -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import errno
 import json
 import math
@@ -103,28 +102,12 @@ def _read_only(name: str, path: str, directory: str | None) -> Iterator[Arena]:
 
 
 # What Arena.process_totals() sums, in its order (the owner-slot counters).
-_SLOT_COUNTERS: Final = (
-    "hits", "misses", "skipped", "coalesced", "coalesce_timeouts", "uncoalesced",
-)
 
 
 def _read_stats(arena: Arena) -> CacheStats:
     """The segment's counters, summed as :meth:`SharedMemoryCache.stats` sums them
     (less that instance's own pending counts: the CLI has none)."""
-    slots = dict(zip(_SLOT_COUNTERS, arena.process_totals(), strict=False))
-    known = {field.name for field in dataclasses.fields(CacheStats)}
-    extra = {name: value for name, value in slots.items() if name in known}
-    return CacheStats(**{
-        **extra,
-        "hits": arena.counter(_arena.W_HITS) + slots["hits"],
-        "misses": arena.counter(_arena.W_MISSES) + slots["misses"],
-        "updates": arena.counter(_arena.W_UPDATES),
-        "evictions": arena.counter(_arena.W_EVICTIONS),
-        "skipped": arena.counter(_arena.W_SKIPPED) + slots["skipped"],
-        "entries": arena.counter(_arena.W_ENTRIES),
-        "used_bytes": arena.counter(_arena.W_USED),
-        "size_bytes": arena.geometry.size_bytes,
-    })
+    return CacheStats(**arena.counts())
 
 
 # -- locked access (check, clear) ----------------------------------------------------
