@@ -56,7 +56,10 @@ LABELS: Final = {
 }
 
 NOTES: Final = {
-    SHMCACHE: "SharedMemoryCache in a private dir under /dev/shm; size_bytes fits the data",
+    SHMCACHE: (
+        "SharedMemoryCache in a private dir under /dev/shm; size_bytes fits the data "
+        "(mixed load: the data plus every rewrite of the phase)"
+    ),
     INMEMORY: "langchain_core; returns the stored objects themselves; same process only",
     PICKLE: "hit = pickle.loads of the value's bytes, update = pickle.dumps; no storage",
     LMDB_FAST: (
@@ -104,11 +107,15 @@ class Capacity:
         entries: Number of entries that will be written.
         value_bytes: Largest pickled value, in bytes.
         shm_size_bytes: Explicit shmcache ``size_bytes`` (``None``: estimated).
+        rewrites: Updates of already stored keys the phase may make. A store that
+            appends every write (shmcache's log) needs room for them as well, or
+            they evict stored entries; stores that rewrite in place ignore it.
     """
 
     entries: int
     value_bytes: int
     shm_size_bytes: int | None = None
+    rewrites: int = 0
 
 
 MIB: Final = 1024 * 1024
@@ -120,9 +127,10 @@ def shm_root() -> str:
 
 
 def estimate_shm_size(cap: Capacity, bytes_per_entry: float | None = None) -> int:
-    """A shmcache ``size_bytes`` that holds ``cap.entries`` with headroom, MiB-rounded."""
+    """A shmcache ``size_bytes`` that holds ``cap.entries`` and ``cap.rewrites`` records
+    with headroom, MiB-rounded (nothing is evicted while they are written)."""
     per_entry = bytes_per_entry or (cap.value_bytes * 1.2 + 1024)
-    size = int(per_entry * cap.entries * 1.5) + 8 * MIB
+    size = int(per_entry * (cap.entries + cap.rewrites) * 1.5) + 8 * MIB
     return max(4 * MIB, -(-size // MIB) * MIB)
 
 

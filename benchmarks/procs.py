@@ -12,8 +12,8 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
-from multiprocessing.connection import Connection
-from typing import Any, Final
+from multiprocessing.connection import Connection, wait
+from typing import Any, Final, cast
 
 CTX: Final = multiprocessing.get_context("spawn")
 
@@ -52,6 +52,7 @@ def run_concurrent(
             answering, or did not finish within ``timeout`` seconds (it is then killed).
     """
     procs: list[tuple[Any, Connection]] = []
+    ok = False
     try:
         for args in arg_lists:
             parent_conn, child_conn = CTX.Pipe(duplex=False)
@@ -60,26 +61,36 @@ def run_concurrent(
             child_conn.close()
             procs.append((proc, parent_conn))
         deadline = time.monotonic() + timeout
-        results: list[Any] = []
-        for proc, conn in procs:
-            remaining = max(0.0, deadline - time.monotonic())
-            if not conn.poll(remaining):
+        # Wait for all workers at once: a worker that fails or dies is noticed at
+        # once, not after the others (which may wait for it at a barrier forever).
+        pending: dict[Any, tuple[int, Any]] = {
+            conn: (k, proc) for k, (proc, conn) in enumerate(procs)
+        }
+        results: list[Any] = [None] * len(procs)
+        while pending:
+            remaining = deadline - time.monotonic()
+            ready = wait(list(pending), timeout=max(0.0, remaining)) if remaining > 0 else []
+            if not ready:
                 raise PhaseError(f"{func.__name__} timed out after {timeout:.0f} s")
-            try:
-                status, payload = conn.recv()
-            except EOFError as exc:
-                proc.join(5)
-                raise PhaseError(
-                    f"{func.__name__} worker died (exit code {proc.exitcode})"
-                ) from exc
-            if status != "ok":
-                raise PhaseError(f"{func.__name__} failed in its worker:\n{payload}")
-            results.append(payload)
+            for ready_conn in ready:
+                conn = cast(Connection, ready_conn)
+                k, proc = pending.pop(conn)
+                try:
+                    status, payload = conn.recv()
+                except EOFError as exc:
+                    proc.join(5)
+                    raise PhaseError(
+                        f"{func.__name__} worker {k} died (exit code {proc.exitcode})"
+                    ) from exc
+                if status != "ok":
+                    raise PhaseError(f"{func.__name__} failed in worker {k}:\n{payload}")
+                results[k] = payload
+        ok = True
         return results
     finally:
         for proc, conn in procs:
             conn.close()
-            proc.join(10)
+            proc.join(10 if ok else 0)  # after a failure, the others may wait forever
             if proc.is_alive():
                 proc.kill()
                 proc.join()

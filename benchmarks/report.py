@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from importlib import metadata
 from typing import Any, Final
 
+from benchmarks import integrity
 from benchmarks.peers import LABELS, LMDB_FAST, NOTES, PEER_IDS, PICKLE, SHMCACHE, WARP
 
 PACKAGES: Final = (
@@ -150,54 +151,52 @@ def _fidelity_cell(res: dict[str, Any]) -> str:
     return "ok" if res.get("fresh_objects") else "ok (same objects, not fresh)"
 
 
+def _is_invalid(record: dict[str, Any], key: str) -> bool:
+    return key in (record.get("invalid") or {})
+
+
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The team's performance targets with this run's ratios (``met`` None = unmeasured)."""
+    """The team's performance targets with this run's ratios (``met`` None = unmeasured).
+
+    A target built on a figure that was not published (see ``invalid``) is not judged:
+    ``met`` is None and ``invalid`` is True.
+    """
     peers = results.get("peers", {})
     shm, lmdb, pkl = peers.get(SHMCACHE, {}), peers.get(LMDB_FAST, {}), peers.get(PICKLE, {})
     rows: list[dict[str, Any]] = []
 
-    def add(name: str, ratio: float | None, limit: float, at_most: bool, basis: str) -> None:
-        met = None if ratio is None else (ratio <= limit if at_most else ratio >= limit)
+    def add(
+        name: str,
+        ratio: float | None,
+        limit: float,
+        at_most: bool,
+        basis: str,
+        *inputs: tuple[dict[str, Any], str],
+    ) -> None:
+        invalid = any(_is_invalid(rec, key) for rec, key in inputs)
+        met = None if ratio is None or invalid else (ratio <= limit if at_most else ratio >= limit)
         rows.append(
-            {"target": name, "ratio": ratio, "limit": f"{'≤' if at_most else '≥'} {limit}{X}",
-             "met": met, "basis": basis}
+            {"target": name, "ratio": None if invalid else ratio,
+             "limit": f"{'≤' if at_most else '≥'} {limit}{X}", "met": met, "basis": basis,
+             "invalid": invalid}
         )  # fmt: skip
 
-    add(
-        "cross-process hit vs lmdb sync=False",
-        _ratio(shm.get("hit_us"), lmdb.get("hit_us")),
-        1.2,
-        True,
-        f"{fmt(shm.get('hit_us'))} / {fmt(lmdb.get('hit_us'))} µs",
-    )
-    add(
-        "cross-process hit vs pickle.loads",
-        _ratio(shm.get("hit_us"), pkl.get("hit_us")),
-        1.3,
-        True,
-        f"{fmt(shm.get('hit_us'))} / {fmt(pkl.get('hit_us'))} µs",
-    )
-    add(
-        "miss vs lmdb sync=False",
-        _ratio(shm.get("miss_us"), lmdb.get("miss_us")),
-        1.5,
-        True,
-        f"{fmt(shm.get('miss_us'))} / {fmt(lmdb.get('miss_us'))} µs",
-    )
-    add(
-        "update vs lmdb sync=False",
-        _ratio(shm.get("update_us"), lmdb.get("update_us")),
-        1.0,
-        True,
-        f"{fmt(shm.get('update_us'))} / {fmt(lmdb.get('update_us'))} µs",
-    )
-    add(
-        "2-process mixed ops/s vs lmdb sync=False",
-        _ratio(shm.get("mixed_ops_s"), lmdb.get("mixed_ops_s")),
-        1.0,
-        False,
-        f"{fmt(shm.get('mixed_ops_s'), 'ops_s')} / {fmt(lmdb.get('mixed_ops_s'), 'ops_s')} ops/s",
-    )
+    for name, other, key, limit, at_most, unit in (
+        ("cross-process hit vs lmdb sync=False", lmdb, "hit_us", 1.2, True, "µs"),
+        ("cross-process hit vs pickle.loads", pkl, "hit_us", 1.3, True, "µs"),
+        ("miss vs lmdb sync=False", lmdb, "miss_us", 1.5, True, "µs"),
+        ("update vs lmdb sync=False", lmdb, "update_us", 1.0, True, "µs"),
+        ("2-process mixed ops/s vs lmdb sync=False", lmdb, "mixed_ops_s", 1.0, False, "ops/s"),
+    ):
+        add(
+            name,
+            _ratio(shm.get(key), other.get(key)),
+            limit,
+            at_most,
+            f"{fmt(shm.get(key), key)} / {fmt(other.get(key), key)} {unit}",
+            (shm, key),
+            (other, key),
+        )
     curve = {p["entries"]: p for p in results.get("entries_curve", []) if "hit_us" in p}
     big, small = curve.get(200_000, {}), curve.get(5_000, {})
     add(
@@ -207,12 +206,83 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         True,
         f"{fmt(big.get('hit_us'))} / {fmt(small.get('hit_us'))} µs (second read of the same "
         f"keys: {fmt(big.get('hit_warm_us'))} / {fmt(small.get('hit_warm_us'))} µs)",
+        (big, "hit_us"),
+        (small, "hit_us"),
     )
     readers = results.get("readers", {}).get(SHMCACHE, {})
-    add("2 reader processes vs 1 (aggregate hits/s)", readers.get("scaling"), 1.6, False,
+    add(
+        "2 reader processes vs 1 (aggregate hits/s)",
+        readers.get("scaling"),
+        1.6,
+        False,
         f"{fmt(readers.get('readers_2_ops_s'), 'ops_s')} / "
-        f"{fmt(readers.get('readers_1_ops_s'), 'ops_s')} ops/s")  # fmt: skip
+        f"{fmt(readers.get('readers_1_ops_s'), 'ops_s')} ops/s",
+        (readers, "scaling"),
+    )
     return rows
+
+
+def unpublished(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every figure the run refused to publish: where, which, the raw value and why.
+
+    Order: side-by-side peers (table order), reader scaling, entries curve, size curve.
+    """
+    found: list[dict[str, Any]] = []
+
+    def scan(where: str, record: dict[str, Any]) -> None:
+        for key, item in (record.get("invalid") or {}).items():
+            found.append(
+                {"where": where, "key": key, "value": item.get("value"),
+                 "reason": item.get("reason"), "_record": id(record)}
+            )  # fmt: skip
+
+    peers = results.get("peers", {})
+    for pid in PEER_IDS:
+        if pid in peers:
+            scan(LABELS[pid], peers[pid])
+    for pid, r in (results.get("readers") or {}).items():
+        scan(f"{LABELS[pid]} reader scaling", r)
+    for p in results.get("entries_curve") or []:
+        scan(f"shmcache entries curve, {p.get('entries', '?'):,} entries", p)
+    for p in results.get("size_curve") or []:
+        scan(f"shmcache value-size curve, {p.get('value_bytes', '?'):,} B", p)
+    return found
+
+
+class _Notes:
+    """Numbers the unpublished figures so that table cells can point at their reason."""
+
+    def __init__(self, results: dict[str, Any]) -> None:
+        self.items = unpublished(results)
+        self._index = {(it["_record"], it["key"]): n for n, it in enumerate(self.items, 1)}
+
+    def cell(self, record: dict[str, Any], key: str, fmt_key: str | None = None) -> str:
+        """The formatted figure, or ``not published [n]`` when the run contradicted it."""
+        n = self._index.get((id(record), key))
+        if n is not None:
+            return f"**not published** [{n}]"
+        return fmt(record.get(key), key if fmt_key is None else fmt_key)
+
+    def markdown(self) -> list[str]:
+        """The section listing every unpublished figure with its raw value and reason."""
+        if not self.items:
+            return []
+        out = [
+            "",
+            "## Figures not published",
+            "",
+            "The run's own counts or per-op costs contradict these figures (a lookup of a "
+            "stored key that missed, an update that was skipped, or more ops/s than the "
+            "per-op costs allow), so the tables show no number for them "
+            "(`benchmarks/integrity.py`; raw values in `results.json` under `invalid`).",
+            "",
+        ]
+        for n, it in enumerate(self.items, 1):
+            out.append(
+                f"{n}. {it['where']}, `{it['key']}` (measured {fmt(it['value'], it['key'])}): "
+                f"{it['reason']}"
+            )
+        return out
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -221,7 +291,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
-def _peer_rows(results: dict[str, Any]) -> list[list[str]]:
+def _peer_rows(results: dict[str, Any], notes: _Notes) -> list[list[str]]:
     peers = results.get("peers", {})
     rows = []
     for pid in PEER_IDS:
@@ -242,7 +312,7 @@ def _peer_rows(results: dict[str, Any]) -> list[list[str]]:
             elif key == "mixed_ops_s" and res.get("mixed_skipped"):
                 cells.append("n/a")
             else:
-                cells.append(fmt(res.get(key), key))
+                cells.append(notes.cell(res, key))
         cells.append(_fidelity_cell(res))
         rows.append(cells)
     shm = peers.get(SHMCACHE, {})
@@ -254,7 +324,10 @@ def _peer_rows(results: dict[str, Any]) -> list[list[str]]:
             cells = [f"*shmcache ÷ {LABELS[pid]}*"]
             for key, _, _ in COLUMNS:
                 r = _ratio(shm.get(key), other.get(key))
-                cells.append("—" if r is None else f"{r:.2f}{X}")
+                if _is_invalid(shm, key) or _is_invalid(other, key):
+                    cells.append("not published")
+                else:
+                    cells.append("—" if r is None else f"{r:.2f}{X}")
             rows.append([*cells, ""])
     return rows
 
@@ -302,8 +375,15 @@ def to_markdown(results: dict[str, Any]) -> str:
         "Ratio rows: shmcache's figure divided by the peer's, per column.",
         "",
     ]
+    notes = _Notes(results)
+    if notes.items:
+        out[-1:-1] = [
+            f"**{len(notes.items)} figure(s) not published**: this run's own counts or per-op "
+            "costs contradict them (see *Figures not published* at the end).",
+            "",
+        ]
     header = ["cache", *(h for _, h, _ in COLUMNS), "fidelity"]
-    out += _table(header, _peer_rows(results))
+    out += _table(header, _peer_rows(results, notes))
     diag = [
         f"{LABELS[pid]} {res['mixed_cpu_share']:.0%} / {res.get('mixed_waits_per_kop', 0):.1f}"
         for pid, res in results.get("peers", {}).items()
@@ -317,20 +397,82 @@ def to_markdown(results: dict[str, Any]) -> str:
             + ". A CPU share well below 100% with few sleeps means other programs held a "
             "core; many sleeps mean waiting (lock back-off, a server, I/O).",
         ]
+    out += _mixed_counts_markdown(results, notes)
     out += ["", "## Targets", ""]
     rows = []
     for t in targets(results):
         verdict = "not measured" if t["met"] is None else ("**met**" if t["met"] else "NOT met")
+        if t.get("invalid"):
+            verdict = "not judged (figure not published)"
         ratio = "—" if t["ratio"] is None else f"{t['ratio']:.2f}{X}"
         rows.append([t["target"], t["basis"], ratio, t["limit"], verdict])
     out += _table(["target", "measured", "ratio", "limit", "verdict"], rows)
-    out += _curves_markdown(results)
+    out += _curves_markdown(results, notes)
     out += ["", "## Peer setup", ""]
     for pid in PEER_IDS:
         if pid in results.get("peers", {}):
             out.append(f"- **{LABELS[pid]}** — {NOTES[pid]}")
+    out += notes.markdown()
     out.append("")
     return "\n".join(out)
+
+
+def _count(value: Any) -> str:
+    return "—" if value is None else f"{value:,}"
+
+
+def _mixed_counts_markdown(results: dict[str, Any], notes: _Notes) -> list[str]:
+    """What each peer's mixed load did, and the most its own per-op costs allow."""
+    rows = []
+    for pid in PEER_IDS:
+        res = results.get("peers", {}).get(pid, {})
+        c = (res.get("counts") or {}).get("mixed")
+        if not c:
+            continue
+        lost = c.get("resident_missing")
+        rows.append([
+            LABELS[pid], _count(c.get("lookups")), _count(c.get("hits")),
+            _count(c.get("misses")), _count(c.get("updates")), _count(c.get("skipped")),
+            "—" if lost is None else f"{lost:,} of {c.get('resident_checked') or 0:,}",
+            "n/a (waits on a server or fsync)" if integrity.waits_on_others(res)
+            else fmt(res.get("mixed_bound_ops_s"), "ops_s"),
+            notes.cell(res, "mixed_ops_s"),
+        ])  # fmt: skip
+    if not rows:
+        return []
+    out = ["", "### Mixed load: what each peer did", ""]
+    out += _table(
+        ["cache", "lookups", "hits", "misses", "updates", "skipped", "stored keys lost",
+         "most ops/s its costs allow", "measured ops/s"],
+        rows,
+    )  # fmt: skip
+    budget = next(
+        (r.get("mixed_max_ops_per_window") for r in results.get("peers", {}).values()
+         if r.get("mixed_max_ops_per_window")), None,
+    )  # fmt: skip
+    at_budget = sum(int(r.get("mixed_windows_at_budget") or 0)
+                    for r in results.get("peers", {}).values())  # fmt: skip
+    out += [
+        "",
+        "Counts are summed over both processes and all rounds. Every lookup is of a stored "
+        "key, so every *miss* is a stored key the store lost or could not read; *skipped* "
+        "are updates the store reports as not stored (— : the store has no skip path, a "
+        "failed update raises); *stored keys lost*: every stored key looked up once after "
+        "the phase. *Most ops/s its costs allow*: 2 processes (at most one per usable CPU) "
+        f"{X} 1 / (mean cost of the phase's counted mix at this peer's cheapest hit, miss and "
+        f"update µs of any round of this run; n/a where more than "
+        f"{integrity.WAITING_SLEEPS_PER_KOP:.0f} of 1,000 ops sleep: a client of a server "
+        "or of fsync does not occupy its CPU for the latency it measured alone). A figure "
+        f"above that {X} "
+        f"{integrity.THROUGHPUT_MARGIN}, or with more than {integrity.MISS_TOLERANCE:.1%} "
+        "misses or skips, is not published. The phase runs on a fresh store of its own, "
+        "populated with the same entries and sized to hold every rewrite of the phase, so "
+        "nothing stored is evicted"
+        + (f" (each window also ends after {budget:,} operations per process" if budget else "")
+        + (f"; {at_budget} window(s) did)" if budget and at_budget else ")" if budget else "")
+        + ".",
+    ]
+    return out
 
 
 def _load(value: Any) -> str:
@@ -339,7 +481,7 @@ def _load(value: Any) -> str:
     return "/".join(f"{x:.2f}" for x in value)
 
 
-def _curves_markdown(results: dict[str, Any]) -> list[str]:
+def _curves_markdown(results: dict[str, Any], notes: _Notes) -> list[str]:
     out: list[str] = []
     entries = results.get("entries_curve") or []
     if entries:
@@ -353,8 +495,8 @@ def _curves_markdown(results: dict[str, Any]) -> list[str]:
             rows.append([
                 f"{p['entries']:,}", f"{p.get('size_bytes', 0) / 2**20:,.0f}",
                 f"{st.get('entries', '?'):,}" if isinstance(st.get("entries"), int) else "?",
-                str(st.get("evictions", "?")), fmt(p.get("hit_us")), fmt(p.get("hit_warm_us")),
-                fmt(p.get("miss_us")), fmt(p.get("update_us")),
+                str(st.get("evictions", "?")), notes.cell(p, "hit_us"),
+                notes.cell(p, "hit_warm_us"), notes.cell(p, "miss_us"), notes.cell(p, "update_us"),
             ])  # fmt: skip
         header = ["entries", "size_bytes MiB", "stored", "evictions", "hit µs",
                   "hit µs (2nd read)", "miss µs", "update µs"]  # fmt: skip
@@ -373,10 +515,10 @@ def _curves_markdown(results: dict[str, Any]) -> list[str]:
                 rows.append([f"{p['value_bytes']:,}", f"error: {p['error']}", "", "", "", ""])
                 continue
             missing = p.get("hit_missing") or 0
-            hit = fmt(p.get("hit_us")) + (f" ({missing} not found)" if missing else "")
+            hit = notes.cell(p, "hit_us") + (f" ({missing} not found)" if missing else "")
             rows.append([
                 f"{p['value_bytes']:,}", f"{p.get('pickle_bytes', 0):,}", str(p.get("entries")),
-                hit, fmt(p.get("miss_us")), fmt(p.get("update_us")),
+                hit, notes.cell(p, "miss_us"), notes.cell(p, "update_us"),
             ])  # fmt: skip
         out += _table(
             ["text bytes", "pickled bytes", "entries", "hit µs", "miss µs", "update µs"], rows
@@ -390,9 +532,10 @@ def _curves_markdown(results: dict[str, Any]) -> list[str]:
                 rows.append([LABELS[pid], f"error: {r['error']}", "", ""])
                 continue
             share = r.get("cpu_share_2_readers")
+            scaling = notes.cell(r, "scaling")
             rows.append([
-                LABELS[pid], fmt(r.get("readers_1_ops_s"), "ops_s"),
-                fmt(r.get("readers_2_ops_s"), "ops_s"), f"{r.get('scaling', 0):.2f}{X}",
+                LABELS[pid], notes.cell(r, "readers_1_ops_s"), notes.cell(r, "readers_2_ops_s"),
+                scaling if "not published" in scaling else f"{r.get('scaling') or 0:.2f}{X}",
                 "—" if share is None else f"{share:.0%}",
             ])  # fmt: skip
         out += _table(
@@ -405,6 +548,11 @@ def _curves_markdown(results: dict[str, Any]) -> list[str]:
             "the scaling then measures the host, not the cache.",
         ]
     return out
+
+
+def _num(value: Any) -> float:
+    """A plottable number: unpublished or missing figures become NaN (a gap)."""
+    return float(value) if isinstance(value, (int, float)) else float("nan")
 
 
 def plot(results: dict[str, Any], path: str) -> None:
@@ -438,10 +586,11 @@ def plot(results: dict[str, Any], path: str) -> None:
     ax.barh([LABELS[p] for p in mixed], [peers[p]["mixed_ops_s"] for p in mixed],
             color=["tab:red" if p == SHMCACHE else "tab:gray" for p in mixed])  # fmt: skip
     ax.invert_yaxis()
-    ax.set_xscale("log")
+    if mixed:
+        ax.set_xscale("log")
     ax.tick_params(axis="y", labelsize=8)
     ax.set_xlabel("ops/s, 2 processes, 90% lookup / 10% update (log; higher is better)")
-    ax.set_title("Mixed load")
+    ax.set_title("Mixed load (published figures only)")
 
     ax = axes[1][0]
     curve = [p for p in results.get("entries_curve") or [] if "hit_us" in p]
@@ -452,7 +601,8 @@ def plot(results: dict[str, Any], path: str) -> None:
             ("miss_us", "miss", "C1o-"),
             ("update_us", "update", "C2o-"),
         ):
-            ax.plot([p["entries"] for p in curve], [p.get(key) for p in curve], style, label=name)
+            ax.plot([p["entries"] for p in curve], [_num(p.get(key)) for p in curve], style,
+                    label=name)  # fmt: skip
         ax.set_xscale("log")
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=8)
@@ -464,7 +614,7 @@ def plot(results: dict[str, Any], path: str) -> None:
     curve = [p for p in results.get("size_curve") or [] if "hit_us" in p]
     if curve:
         for key, name in (("hit_us", "hit"), ("miss_us", "miss"), ("update_us", "update")):
-            ax.plot([p["value_bytes"] for p in curve], [p.get(key) for p in curve], "o-",
+            ax.plot([p["value_bytes"] for p in curve], [_num(p.get(key)) for p in curve], "o-",
                     label=name)  # fmt: skip
         ax.set_xscale("log")
         ax.set_yscale("log")

@@ -18,18 +18,18 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Final
 
-from benchmarks import phases, report
+from benchmarks import integrity, phases, report
 from benchmarks import workload as wl
 from benchmarks.peers import (
     LMDB_FAST,
     PEER_IDS,
     SHMCACHE,
     Capacity,
-    PeerSpec,
     Skip,
     estimate_shm_size,
     prepared,
     server_peak_rss_mb,
+    shm_root,
 )
 from benchmarks.procs import CTX, PhaseError, run_concurrent, run_fresh
 
@@ -51,6 +51,10 @@ class Tier:
         value_sizes: Message text sizes (bytes) of shmcache's value-size curve.
         scale_sample: Timed operations per point of the curves.
         timeout_s: Upper bound for any single phase.
+        mixed_max_ops: Most operations one mixed-load worker does per window (a
+            window ends at that count or at ``duration_s``, whichever is first). It
+            bounds the rewrites of the phase, so the store can be sized to keep every
+            stored key resident (a log-structured store appends each rewrite).
     """
 
     name: str
@@ -65,6 +69,7 @@ class Tier:
     value_sizes: tuple[int, ...]
     scale_sample: int
     timeout_s: float
+    mixed_max_ops: int
 
 
 TIERS: Final = {
@@ -73,20 +78,20 @@ TIERS: Final = {
         duration_s=1.0, windows=5, rounds=3,
         scale_entries=(1_000, 5_000, 20_000, 100_000, 200_000, 1_000_000),
         value_sizes=(100, 1_000, 10_000, 100_000, 1_000_000),
-        scale_sample=2_000, timeout_s=420.0,
+        scale_sample=2_000, timeout_s=420.0, mixed_max_ops=150_000,
     ),
     "quick": Tier(
         "quick", entries=2_000, plain_entries=200, sample=2_000, batch=50,
         duration_s=0.5, windows=3, rounds=1,
         scale_entries=(1_000, 5_000, 200_000),
         value_sizes=(100, 1_000, 10_000, 100_000, 1_000_000),
-        scale_sample=1_000, timeout_s=240.0,
+        scale_sample=1_000, timeout_s=240.0, mixed_max_ops=75_000,
     ),
     "tiny": Tier(
         "tiny", entries=200, plain_entries=20, sample=200, batch=20,
         duration_s=0.1, windows=2, rounds=1,
         scale_entries=(500,), value_sizes=(10_000,),
-        scale_sample=100, timeout_s=120.0,
+        scale_sample=100, timeout_s=120.0, mixed_max_ops=15_000,
     ),
 }  # fmt: skip
 
@@ -104,6 +109,7 @@ def _peer_config(tier: Tier) -> phases.PhaseConfig:
         batch=tier.batch,
         duration_s=tier.duration_s,
         windows=tier.windows,
+        max_ops_per_window=tier.mixed_max_ops,
     )
 
 
@@ -133,41 +139,135 @@ def _cpu_share(workers: Sequence[dict[str, Any]]) -> float:
     return statistics.median(shares) if shares else 0.0
 
 
-def measure_peer(spec: PeerSpec, cfg: phases.PhaseConfig, timeout: float) -> dict[str, Any]:
-    """All phases of the side-by-side table for one prepared peer."""
-    if spec.kind == "pickle":
-        return dict(run_fresh(phases.phase_pickle, cfg, timeout=timeout))
-    if spec.kind == "inprocess":
-        res = dict(run_fresh(phases.phase_inprocess, spec, cfg, timeout=timeout))
-        res["mixed_skipped"] = "in-process only: cannot be shared by two processes"
-        return res
+def usable_cpus() -> int | None:
+    """CPUs this process may run on (what bounds the parallelism of a phase)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count()
+
+
+def _window_counts(windows: Sequence[dict[str, Any] | None]) -> dict[str, int]:
+    """Lookups, hits, misses and updates summed over a worker's windows."""
+    keys = ("lookups", "hits", "misses", "updates")
+    return {k: sum(w.get(k, 0) for w in windows if w is not None) for k in keys}
+
+
+def _mixed_setup(
+    peer_id: str, cfg: phases.PhaseConfig, cap: Capacity, per_entry: float | None
+) -> tuple[phases.PhaseConfig, Capacity]:
+    """Config and capacity of the mixed phase's own store: room for all its rewrites.
+
+    shmcache's log appends every rewrite; a segment that cannot hold the phase's
+    rewrites on top of the stored entries evicts stored keys during the phase (FIFO),
+    and the "hits" become misses. The phase's operation budget bounds the rewrites;
+    where ``/dev/shm`` has too little room for that, the budget is lowered instead.
+    """
+    rewrites = phases.mixed_updates_bound(cfg) or 0
+    mixed_cap = replace(cap, rewrites=rewrites, shm_size_bytes=None)
+    if peer_id != SHMCACHE:
+        return cfg, mixed_cap
+    try:
+        st = os.statvfs(shm_root())
+        room = st.f_bavail * st.f_frsize // 2
+    except OSError:
+        room = None
+    while True:
+        mixed_cap.shm_size_bytes = estimate_shm_size(mixed_cap, per_entry)
+        budget = cfg.max_ops_per_window
+        if room is None or mixed_cap.shm_size_bytes <= room or not budget or budget <= 1_000:
+            return cfg, mixed_cap
+        cfg = replace(cfg, max_ops_per_window=budget // 2)
+        mixed_cap = replace(mixed_cap, rewrites=phases.mixed_updates_bound(cfg) or 0)
+
+
+def _run_mixed(
+    peer_id: str,
+    cfg: phases.PhaseConfig,
+    cap: Capacity,
+    tmp_root: str,
+    timeout: float,
+    per_entry: float | None,
+) -> dict[str, Any]:
+    """The 2-process mixed load on a fresh store of its own, with every op counted."""
+    mixed_cfg, mixed_cap = _mixed_setup(peer_id, cfg, cap, per_entry)
+    with prepared(peer_id, mixed_cap, tmp_root) as spec:
+        barrier = CTX.Barrier(2)
+        workers = run_concurrent(
+            phases.phase_mixed, [(spec, mixed_cfg, barrier, w) for w in (0, 1)], timeout=timeout
+        )
+        server_rss = server_peak_rss_mb(spec)
     res: dict[str, Any] = {}
-    rss: list[float] = []
-    for name, func in (
-        ("write", phases.phase_write),
-        ("hit", phases.phase_hit),
-        ("miss", phases.phase_miss),
-        ("fidelity", phases.phase_fidelity),
-    ):
-        log(f"  {spec.peer_id}: {name}")
-        out = run_fresh(func, spec, cfg, timeout=timeout)
-        rss.append(out.pop("rss_mb"))
-        res.update(out)
-    log(f"  {spec.peer_id}: mixed load, 2 processes")
-    barrier = CTX.Barrier(2)
-    windows = run_concurrent(
-        phases.phase_mixed, [(spec, cfg, barrier, w) for w in (0, 1)], timeout=timeout
-    )
-    rss.extend(w["rss_mb"] for w in windows)
-    res["mixed_ops_s"], res["mixed_windows_ops_s"] = _window_rate(windows)
-    res["mixed_cpu_share"] = _cpu_share(windows)
-    ops = sum(w["ops"] for worker in windows for w in worker["windows"])
-    waits = sum(w["voluntary_waits"] for worker in windows for w in worker["windows"])
+    res["mixed_ops_s"], res["mixed_windows_ops_s"] = _window_rate(workers)
+    res["mixed_cpu_share"] = _cpu_share(workers)
+    ops = sum(w["ops"] for worker in workers for w in worker["windows"])
+    waits = sum(w["voluntary_waits"] for worker in workers for w in worker["windows"])
     res["mixed_waits_per_kop"] = 1000 * waits / ops if ops else 0.0
+    res["mixed_rss_mb"] = max(w["rss_mb"] for w in workers)
+    res["mixed_server_rss_mb"] = server_rss
+    res["mixed_max_ops_per_window"] = mixed_cfg.max_ops_per_window
+    res["mixed_windows_at_budget"] = sum(
+        bool(w and w.get("budget_reached")) for worker in workers for w in worker["windows"]
+    )
+    if spec.peer_id == SHMCACHE:
+        res["mixed_size_bytes"] = spec.options["size"]
+        res["mixed_stats"] = workers[0].get("stats")
+        res["mixed_store_counts"] = workers[0].get("store_counts")
+    per_worker = [_window_counts(worker["windows"]) for worker in workers]
+    counts: dict[str, Any] = {k: sum(c[k] for c in per_worker) for k in per_worker[0]}
+    counts["skipped"] = workers[0].get("skipped")
+    counts["resident_checked"] = workers[0].get("resident_checked")
+    counts["resident_missing"] = workers[0].get("resident_missing")
+    res["mixed_counts_per_worker"] = per_worker
+    res["counts"] = {"mixed": counts}
+    return res
+
+
+def measure_peer(
+    peer_id: str, cfg: phases.PhaseConfig, cap: Capacity, tmp_root: str, timeout: float
+) -> dict[str, Any]:
+    """All phases of the side-by-side table for one peer, each figure checked.
+
+    Write, hit, miss and fidelity share one store; the mixed load gets a fresh store
+    of its own, populated with the same entries and sized for the phase's rewrites.
+    Figures are checked (and withheld) when the rounds are merged, see
+    :func:`merge_rounds`.
+    """
+    cpus = usable_cpus()
+    with prepared(peer_id, cap, tmp_root) as spec:
+        if spec.kind == "pickle":
+            return dict(run_fresh(phases.phase_pickle, cfg, timeout=timeout))
+        if spec.kind == "inprocess":
+            res = dict(run_fresh(phases.phase_inprocess, spec, cfg, timeout=timeout))
+            res["mixed_skipped"] = "in-process only: cannot be shared by two processes"
+            return res
+        res = {}
+        counts: dict[str, Any] = {}
+        rss: list[float] = []
+        for name, func in (
+            ("write", phases.phase_write),
+            ("hit", phases.phase_hit),
+            ("miss", phases.phase_miss),
+            ("fidelity", phases.phase_fidelity),
+        ):
+            log(f"  {spec.peer_id}: {name}")
+            out = run_fresh(func, spec, cfg, timeout=timeout)
+            rss.append(out.pop("rss_mb"))
+            counts.update(out.pop("counts", {}))
+            res.update(out)
+        res["server_rss_mb"] = server_peak_rss_mb(spec)
+        if "server_version" in spec.options:
+            res["server_version"] = spec.options["server_version"]
+    log(f"  {peer_id}: mixed load, 2 processes (fresh store, every op counted)")
+    mixed = _run_mixed(peer_id, cfg, cap, tmp_root, timeout, _bytes_per_entry(res.get("stats")))
+    counts.update(mixed.pop("counts"))
+    res.update(mixed)
+    res["counts"] = counts
     res["rss_mb"] = max(rss)
-    res["server_rss_mb"] = server_peak_rss_mb(spec)
-    if "server_version" in spec.options:
-        res["server_version"] = spec.options["server_version"]
+    if res.get("mixed_server_rss_mb") and res.get("server_rss_mb"):
+        res["server_rss_mb"] = max(res["server_rss_mb"], res["mixed_server_rss_mb"])
+    for key, reason in integrity.validate_peer(res, cpus).items():
+        log(f"  {peer_id}: {key} fails its check in this round: {reason}")
     return res
 
 
@@ -186,8 +286,7 @@ def _run_peer_once(peer_id: str, tier: Tier, tmp_root: str) -> dict[str, Any]:
     cfg = _peer_config(tier)
     load = os.getloadavg()[0]
     try:
-        with prepared(peer_id, _capacity(cfg), tmp_root) as spec:
-            res = measure_peer(spec, cfg, tier.timeout_s)
+        res = measure_peer(peer_id, cfg, _capacity(cfg), tmp_root, tier.timeout_s)
     except Skip as exc:
         log(f"  skipped: {exc}")
         return {"skipped": str(exc)}
@@ -198,11 +297,25 @@ def _run_peer_once(peer_id: str, tier: Tier, tmp_root: str) -> dict[str, Any]:
     return res
 
 
-def merge_rounds(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def sum_counts(records: Sequence[Any]) -> Any:
+    """Sum nested count dicts leaf by leaf (``None`` where a round could not count)."""
+    if all(isinstance(r, dict) for r in records):
+        keys = dict.fromkeys(k for r in records for k in r)
+        return {k: sum_counts([r.get(k) for r in records]) for k in keys}
+    if all(isinstance(r, int) and not isinstance(r, bool) for r in records):
+        return sum(records)
+    return None
+
+
+def merge_rounds(rounds: Sequence[dict[str, Any]], cpus: int | None = None) -> dict[str, Any]:
     """One record from several rounds: median of each number, all() of each flag.
 
-    A peer skipped or failing in every round keeps the first round's reason; rounds
-    that failed are otherwise left out (and counted in ``rounds_failed``).
+    Counts (``counts``) are summed over the rounds. A peer skipped or failing in every
+    round keeps the first round's reason; rounds that failed are otherwise left out
+    (and counted in ``rounds_failed``). Figures that any round, or the merged record,
+    contradicts are not published (``invalid``, see :mod:`benchmarks.integrity`);
+    throughputs are bounded with the cheapest per-op costs any round measured
+    (``bound_costs_us``).
     """
     good = [r for r in rounds if "skipped" not in r and "error" not in r]
     if not good:
@@ -210,12 +323,27 @@ def merge_rounds(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for key in good[0]:
         values = [r[key] for r in good if key in r]
-        if all(isinstance(v, bool) for v in values):
+        if key == "counts":
+            merged[key] = sum_counts(values)
+        elif all(isinstance(v, bool) for v in values):
             merged[key] = all(values)
         elif all(isinstance(v, (int, float)) for v in values):
             merged[key] = statistics.median(values)
         else:
             merged[key] = next((v for v in values if v), values[0])
+    best = integrity.best_costs(good, cpus)
+    merged["bound_costs_us"] = best
+    if "mixed_ops_s" in merged:
+        merged["mixed_bound_ops_s"] = integrity.mixed_bound(merged, cpus, best)
+    reasons = dict(integrity.validate_peer(merged, cpus, best))
+    for n, r in enumerate(rounds, 1):
+        if "skipped" in r or "error" in r:
+            continue
+        for key, why in integrity.validate_peer(r, cpus, best).items():
+            why = f"round {n}: {why}" if len(rounds) > 1 else why
+            if why not in reasons.get(key, ""):
+                reasons[key] = f"{reasons[key]}; {why}" if key in reasons else why
+    integrity.unpublish(merged, reasons)
     if len(rounds) > 1:
         merged["rounds"] = list(rounds)
     merged["rounds_failed"] = len(rounds) - len(good)
@@ -236,7 +364,12 @@ def run_peers(tier: Tier, selected: Sequence[str], tmp_root: str) -> dict[str, A
                 continue  # the reason will not change
             log(f"peer {peer_id} (round {n + 1}/{tier.rounds})")
             rounds[peer_id].append(_run_peer_once(peer_id, tier, tmp_root))
-    return {p: merge_rounds(r) for p, r in rounds.items()}
+    cpus = usable_cpus()
+    merged = {p: merge_rounds(r, cpus) for p, r in rounds.items()}
+    for p, res in merged.items():
+        for key, item in (res.get("invalid") or {}).items():
+            log(f"{p}: {key} NOT PUBLISHED: {item['reason']}")
+    return merged
 
 
 def _bytes_per_entry(stats: dict[str, int] | None) -> float | None:
@@ -256,13 +389,19 @@ def _curve_point(
         write = run_fresh(phases.phase_write, spec, cfg, timeout=tier.timeout_s)
         point["populate_s"] = write["populate_s"]
         point["stats_after_write"] = write["stats"]
+        counts: dict[str, Any] = dict(write.get("counts") or {})
         for func in (phases.phase_hit, phases.phase_miss, phases.phase_update_more):
             out = run_fresh(func, spec, cfg, timeout=tier.timeout_s)
             out.pop("rss_mb", None)
             if "stats" in out:
                 point["stats_after_update"] = out.pop("stats")
+            counts.update(out.pop("counts", {}))
             point.update(out)
-    return point
+    point["counts"] = counts
+    reasons = integrity.validate_curve_point(point)
+    for key, reason in reasons.items():
+        log(f"  curve point: {key} NOT PUBLISHED: {reason}")
+    return integrity.unpublish(point, reasons)
 
 
 def run_entries_curve(tier: Tier, tmp_root: str, per_entry: float | None) -> list[dict[str, Any]]:
@@ -322,7 +461,7 @@ def run_readers(tier: Tier, peer_id: str, tmp_root: str) -> dict[str, Any]:
     it (load from elsewhere on the host drifts over seconds); the scaling is the
     median of those pairwise ratios.
     """
-    cfg = replace(_peer_config(tier), plain_entries=0)
+    cfg = replace(_peer_config(tier), plain_entries=0, max_ops_per_window=None)
     log(f"{peer_id}: reader scaling")
     schedule = [1, 2] * tier.windows
     with prepared(peer_id, _capacity(cfg), tmp_root) as spec:
@@ -340,6 +479,12 @@ def run_readers(tier: Tier, peer_id: str, tmp_root: str) -> dict[str, Any]:
     two_reader_windows = [
         {"windows": [w["windows"][k] for k, n in enumerate(schedule) if n == 2]} for w in workers
     ]
+    counts = {
+        f"readers_{n}": _window_counts(
+            [w["windows"][k] for w in workers for k, m in enumerate(schedule) if m == n]
+        )
+        for n in (1, 2)
+    }
     return {
         "cpu_share_2_readers": _cpu_share(two_reader_windows),
         "readers_1_ops_s": statistics.median(one),
@@ -347,7 +492,24 @@ def run_readers(tier: Tier, peer_id: str, tmp_root: str) -> dict[str, Any]:
         "readers_1_windows_ops_s": one,
         "readers_2_windows_ops_s": two,
         "scaling": statistics.median(b / a for a, b in zip(one, two, strict=True) if a),
+        "counts": counts,
     }
+
+
+def check_readers(readers: dict[str, Any], peer: dict[str, Any]) -> dict[str, Any]:
+    """Unpublish reader figures that the counts or the peer's own hit cost contradict.
+
+    The bound uses the cheapest hit the same peer measured in any round of this run
+    (first or second read), leaving out hit figures that their own counts invalidate.
+    """
+    cpus = usable_cpus()
+    best = peer.get("bound_costs_us") or integrity.best_costs(peer.get("rounds") or [peer], cpus)
+    costs = [best.get("hit_us"), best.get("hit_warm_us")]
+    hit_us = min((c for c in costs if isinstance(c, (int, float)) and c > 0), default=None)
+    reasons = integrity.validate_readers(readers, hit_us, cpus)
+    for key, reason in reasons.items():
+        log(f"  readers: {key} NOT PUBLISHED: {reason}")
+    return integrity.unpublish(readers, reasons)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -414,7 +576,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for peer_id in (SHMCACHE, LMDB_FAST):
             if peer_id in args.selected and "hit_us" in results["peers"].get(peer_id, {}):
                 try:
-                    results["readers"][peer_id] = run_readers(tier, peer_id, tmp_root)
+                    results["readers"][peer_id] = check_readers(
+                        run_readers(tier, peer_id, tmp_root), results["peers"][peer_id]
+                    )
                 except (PhaseError, Skip, OSError) as exc:
                     results["readers"][peer_id] = {"error": str(exc).strip().splitlines()[-1]}
     except Exception:
