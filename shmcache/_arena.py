@@ -393,9 +393,6 @@ class Arena:
 
     # -- lock-free reads ------------------------------------------------------
 
-    def _bucket_word(self, seed: int) -> int:
-        return self._index_word + (seed % self._n_buckets) * _BUCKET_WORDS
-
     def _buckets(self, digest: bytes) -> tuple[int, int]:
         """The key's two candidate buckets (as word indexes; distinct when n > 1)."""
         _, seed, seed2 = _THREE_U64.unpack_from(digest)

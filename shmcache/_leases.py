@@ -163,13 +163,6 @@ class LeaseTable:
         words[base + _CALLER] = 0
         return True
 
-    def live_count(self) -> int:
-        """How many entries are taken (by live or dead owners)."""
-        words = self._words
-        return sum(
-            1 for i in range(LEASE_ENTRIES) if words[_FIRST_WORD + i * _ENTRY_WORDS + _TAG]
-        )
-
     def problems(self) -> list[str]:
         """*Locked.* Entries no writer of ours could have left (for ``check``)."""
         words = self._words

@@ -18,12 +18,10 @@ group) in ``finally``; every wait has a deadline.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +33,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+from _robust_helpers import UnixHTTPConnection
 from _samples import CacheFactory
 from coalesce_apps.coalesce_support import (
     APPS_DIR,
@@ -55,20 +54,6 @@ CLIENTS = 16
 HOLD_FOR = WORKERS - 1
 START_DEADLINE_S = 30.0
 REQUEST_TIMEOUT_S = 30.0
-
-
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    """HTTP over a unix socket: no port to pick, nothing reachable from outside."""
-
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._socket_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._socket_path)
-        self.sock = sock
 
 
 class Server:
@@ -143,7 +128,7 @@ def _burst(socket_path: str, prompt: str) -> tuple[list[dict[str, Any]], list[st
     guard = threading.Lock()
 
     def client() -> None:
-        connection = _UnixHTTPConnection(socket_path, timeout=REQUEST_TIMEOUT_S)
+        connection = UnixHTTPConnection(socket_path, timeout=REQUEST_TIMEOUT_S)
         try:
             connection.connect()
             barrier.wait()

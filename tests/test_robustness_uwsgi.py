@@ -9,11 +9,9 @@ never pass by skipping it.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import queue
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _robust_helpers import APPS_DIR, DIED_MID_WRITE, child_env, kill_process_group, log_lines
+from _robust_helpers import (
+    APPS_DIR,
+    DIED_MID_WRITE,
+    UnixHTTPConnection,
+    child_env,
+    kill_process_group,
+    log_lines,
+)
 from _samples import CacheFactory
 
 WORKERS = 4
@@ -44,22 +49,8 @@ def _uwsgi() -> str:
     return found
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    """HTTP over a unix socket: no TCP port to pick, nothing reachable from outside."""
-
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._socket_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._socket_path)
-        self.sock = sock
-
-
 def _get(socket_path: str, target: str) -> dict[str, Any]:
-    connection = _UnixHTTPConnection(socket_path, timeout=30)
+    connection = UnixHTTPConnection(socket_path, timeout=30)
     try:
         connection.request("GET", target)
         response = connection.getresponse()
