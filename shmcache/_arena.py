@@ -812,6 +812,62 @@ class Arena:
                     removed += 1
         return removed
 
+    def delete(self, digest: bytes) -> bool:
+        """*Locked*, between :meth:`begin` and :meth:`end`. Remove one key's entry.
+
+        Returns:
+            True if the key had an entry (its record becomes dead log space).
+        """
+        tag, _ = split_digest(digest)
+        for bucket in self._buckets(digest):
+            tags = _EIGHT_U64.unpack_from(self._mm, (bucket + _TAGS_AT) * 8)
+            if tag in tags:
+                self._clear_slot(bucket, tags.index(tag))
+                return True
+        return False
+
+    @property
+    def n_buckets(self) -> int:
+        """How many index buckets the segment has (for :meth:`scan` in chunks)."""
+        return self._n_buckets
+
+    def scan(self, start: int, stop: int, now: float) -> list[tuple[int, bytes]]:
+        """*Locked.* The live entries indexed in buckets ``[start, stop)``.
+
+        Returns:
+            ``(llm_hash, value bytes)`` of each entry that is present, unexpired and
+            passes its record checks, in index order.
+        """
+        found: list[tuple[int, bytes]] = []
+        for b in range(max(start, 0), min(stop, self._n_buckets)):
+            bucket = self._index_word + b * _BUCKET_WORDS
+            tags = _EIGHT_U64.unpack_from(self._mm, (bucket + _TAGS_AT) * 8)
+            for i, tag in enumerate(tags):
+                if not tag:
+                    continue
+                position = self._words[bucket + _POS_AT + i]
+                length = self._halves[(bucket * 8 + _LENS_AT_BYTE) // 4 + i]
+                record = self._record_at(position, length, now)
+                if record is not None:
+                    found.append((self._words[bucket + _LLM_AT + i], record))
+        return found
+
+    def _record_at(self, position: int, length: int, now: float) -> bytes | None:
+        """The value of the record at ``position`` if it is intact, whatever its key."""
+        offset = position % self._log_size
+        words = self._words
+        if (
+            position < words[_W_TAIL]
+            or position + length > words[_W_HEAD]
+            or length < RECORD_HEADER_BYTES
+            or offset + length > self._log_size
+        ):
+            return None
+        start = self._log_offset + offset
+        digest = bytes(self._mm[start + _RECORD.size - 32 : start + _RECORD.size])
+        found = self._read_record(position, length, digest, now)
+        return None if found is None else bytes(found)
+
     # -- recovery and verification -------------------------------------------
 
     def _slot_problem(self, bucket: int, i: int, tail: int, head: int) -> str | None:

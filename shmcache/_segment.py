@@ -35,6 +35,7 @@ from ._errors import (
 )
 
 __all__ = [
+    "SEGMENT_KINDS",
     "SEGMENT_SUFFIX",
     "MappedFile",
     "check_name",
@@ -43,6 +44,7 @@ __all__ = [
     "open_existing",
     "open_or_create",
     "open_read_only",
+    "parse_segment_filename",
     "resolve_directory",
     "segment_path",
 ]
@@ -54,7 +56,12 @@ _NAME_RE: Final = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 _OPEN_FLAGS: Final = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: opening a FIFO planted under a segment's name read-only would block.
 _READ_ONLY_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-_VERSION_SUFFIX_RE: Final = re.compile(rf"\.v\d+{re.escape(SEGMENT_SUFFIX)}$")
+# What each front-end's segment holds: LLM generations, a ByteStore's values, a
+# LangGraph node cache's entries.
+SEGMENT_KINDS: Final = frozenset({"llm", "bytes", "nodes"})
+_SEGMENT_FILE_RE: Final = re.compile(
+    rf"(?P<name>.+)\.v(?P<version>\d+)(?:\.(?P<kind>bytes|nodes))?{re.escape(SEGMENT_SUFFIX)}"
+)
 _PRIVATE_FILE_MODE: Final = 0o600
 _PRIVATE_DIR_MODE: Final = 0o700
 
@@ -327,9 +334,26 @@ def _segment_error(exc: OSError, path: str) -> ShmCacheError:
     )
 
 
-def segment_path(directory: str, name: str, format_version: int) -> str:
-    """Return the segment file path; the format version is part of the name."""
-    return os.path.join(directory, f"{name}.v{format_version}{SEGMENT_SUFFIX}")
+def segment_path(directory: str, name: str, format_version: int, kind: str = "llm") -> str:
+    """Return the segment file path; the format version and kind are part of the name.
+
+    An LLM cache ``NAME`` lives in ``NAME.vN.shm``, a byte store in
+    ``NAME.vN.bytes.shm``, a LangGraph node cache in ``NAME.vN.nodes.shm``: every LLM
+    cache file ends in ``.vN.shm`` and no other kind's does, so front-ends of one
+    name never share a file, whatever dots the names hold.
+    """
+    if kind not in SEGMENT_KINDS:
+        raise ValueError(f"unknown segment kind {kind!r}; one of {sorted(SEGMENT_KINDS)}")
+    middle = "" if kind == "llm" else f".{kind}"
+    return os.path.join(directory, f"{name}.v{format_version}{middle}{SEGMENT_SUFFIX}")
+
+
+def parse_segment_filename(filename: str) -> tuple[str, int, str] | None:
+    """``(name, format version, kind)`` of a segment file name, or None."""
+    match = _SEGMENT_FILE_RE.fullmatch(filename)
+    if match is None:
+        return None
+    return match["name"], int(match["version"]), match["kind"] or "llm"
 
 
 def _check_private(path: str, fd: int) -> int:
@@ -408,7 +432,8 @@ def _map(
 
 def _name_of(path: str) -> str:
     """The cache name of a segment path (names may hold ".v" themselves)."""
-    return _VERSION_SUFFIX_RE.sub("", os.path.basename(path))
+    parsed = parse_segment_filename(os.path.basename(path))
+    return os.path.basename(path) if parsed is None else parsed[0]
 
 
 def open_existing(path: str, min_size: int) -> MappedFile:
