@@ -27,6 +27,7 @@ import asyncio
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Final, Literal, NamedTuple
@@ -36,7 +37,7 @@ from ._keys import split_digest
 from ._leases import Lease, LeaseTable, owner_word
 
 if TYPE_CHECKING:
-    from .cache import SharedMemoryCache
+    from ._engine import Engine
 
 __all__ = ["Coalescer", "caller_key"]
 
@@ -119,8 +120,10 @@ class Step(NamedTuple):
 class Coalescer:
     """The coalescing state of one cache instance in this process."""
 
-    def __init__(self, cache: SharedMemoryCache, timeout_s: float) -> None:
-        self._cache = cache
+    def __init__(self, cache: Engine, timeout_s: float) -> None:
+        # A proxy, not a reference: no cycle, so an engine dropped without close()
+        # is freed (and its fds released by its finalizer) at once, not at a GC pass.
+        self._cache: Engine = weakref.proxy(cache)
         self.timeout_s = timeout_s
         self._timeout_ns = int(min(timeout_s, _MAX_TIMEOUT_NS / 1e9) * 1e9)
         self._table = LeaseTable(cache._arena_words)

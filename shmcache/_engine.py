@@ -1,0 +1,1490 @@
+"""The engine: bytes by key digest in one shared segment, for every front-end.
+
+An :class:`Engine` owns one segment (index and log, ``_arena.py``), this process's
+owner slot and counters, the coalescing leases (``_coalesce.py``) and the remote
+tier (``_remote.py``), with sync and async twins of each operation.  Front-ends
+(the LLM cache, the byte store, LangGraph's node cache) only turn their keys into
+digests and their values into payload bytes and back; data flows one way, front-end
+→ engine → arena / remote, and nothing here knows what a payload means.
+
+Each read takes the front-end's decoders: ``decode`` for bytes that passed the
+record's crc (they came from a writer of this release), ``decode_untrusted`` for
+bytes from Redis.  A decoder raising ``CodecError`` turns the read into a miss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import logging
+import math
+import os
+import time
+import weakref
+from collections.abc import Callable, Generator, Iterator, Sequence
+from typing import Any, Final, NamedTuple, TypeVar
+
+from . import _arena, _callbacks, _owners, _remote
+from ._arena import CONTENDED, U64_MASK, Arena, Contended, Geometry
+from ._coalesce import LEASE_CALLER, CallerKey, Coalescer, caller_key, same_holder
+from ._codec import CodecError, CodecVersionError
+from ._errors import CacheClosedError, InvalidArgumentError, LockTimeoutError, ShmCacheError
+from ._leases import Lease, LeaseTable, owner_word
+from ._lock import UNLOCK, SegmentLock, flock
+from ._remote import FAILED, TAKEN, Fetched, RemoteTier
+from ._segment import (
+    MappedFile,
+    check_name,
+    open_or_create,
+    resolve_directory,
+    segment_path,
+)
+from ._stats import CacheStats
+
+__all__ = [
+    "DEFAULT_COALESCE_TIMEOUT_S",
+    "DEFAULT_LOCK_TIMEOUT_S",
+    "DEFAULT_SIZE_BYTES",
+    "MIN_SIZE_BYTES",
+    "Engine",
+    "Prepared",
+    "check_seconds",
+]
+
+logger = logging.getLogger("shmcache")
+
+DEFAULT_SIZE_BYTES: Final = 32 * 1024 * 1024
+
+
+class _DefaultSize(int):
+    """The default ``size_bytes``, told apart from the same number passed on purpose.
+
+    Attaching to an existing segment of another size warns only when the caller
+    asked for a size.
+    """
+
+
+_DEFAULT_SIZE: Final = _DefaultSize(DEFAULT_SIZE_BYTES)
+MIN_SIZE_BYTES: Final = _arena.MIN_SIZE_BYTES
+DEFAULT_LOCK_TIMEOUT_S: Final = 1.0
+DEFAULT_COALESCE_TIMEOUT_S: Final = 30.0
+DEFAULT_REMOTE_TIMEOUT_S: Final = _remote.DEFAULT_REMOTE_TIMEOUT_S
+# Hit/miss counts go to this instance's owner slot in the segment at once.  Only while
+# every slot is taken do they wait in the process, flushed under the lock at writes,
+# at close, and at least this often while the cache is in use.
+_FLUSH_INTERVAL_S: Final = 1.0
+# The same kind of skipped-update warning is logged at most once in this interval.
+_WARNING_INTERVAL_S: Final = 10.0
+_ASYNC_FIRST_BACKOFF_S: Final = 50e-6
+_ASYNC_MAX_BACKOFF_S: Final = 2e-3
+# scan() holds the lock for this many index buckets at a time (~1 ms).
+_SCAN_STEP_BUCKETS: Final = 512
+
+# Engines open in this process: counts are flushed at exit and reset in fork children.
+_OPEN_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+_getpid = os.getpid
+_T = TypeVar("_T")
+# A read's decoders: trusted bytes (crc-checked, from this release's writers), and
+# untrusted bytes (from Redis).  Both raise CodecError for bytes they refuse.
+Decode = Callable[[memoryview | bytes], Any]
+
+
+class Prepared(NamedTuple):
+    """One entry ready to store: key digest, tag, payload bytes, expiry (0: none).
+
+    ``tag`` is the 64-bit hash an entry is cleared by (the LLM cache's llm_string,
+    the node cache's namespace).
+    """
+
+    digest: bytes
+    tag: int
+    payload: bytes
+    expires: float
+
+
+class _Resources:
+    """What an instance holds outside Python objects: fds and its owner slot.
+
+    Kept apart from the instance so a finalizer can release them when an instance is
+    dropped without close() (e.g. one unpickled per task in a spawn pool).  The
+    mapping itself is closed by its own refcount once the arena's views are gone.
+    """
+
+    def __init__(self, fd: int, lock: SegmentLock, owner_file: _owners.OwnerFile) -> None:
+        self.fd = fd
+        self.lock = lock
+        self.owner_file = owner_file
+        self.slot = -1
+        self.slot_pid = 0
+
+    def release_slot(self) -> None:
+        if self.slot >= 0:
+            if self.slot_pid == _getpid():
+                self.owner_file.release(self.slot)
+            self.slot = -1
+
+    def release(self) -> None:
+        """Free the slot and close the fds (idempotent; no lock needed)."""
+        self.release_slot()
+        self.lock.close()
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+class _Call(NamedTuple):
+    """A step of a remote flow: call the tier (sync: inline; async: a worker thread)."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+
+
+class _Locked(NamedTuple):
+    """A step of a remote flow: run ``fn(*args)`` under the writer lock."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+
+
+class _Sleep(NamedTuple):
+    """A step of a remote flow: pause (sync: ``time.sleep``; async: ``asyncio.sleep``)."""
+
+    seconds: float
+
+
+_Step = _Call | _Locked | _Sleep
+_Flow = Generator[_Step, Any, Any]
+
+
+def check_seconds(name: str, value: object) -> float:
+    """Validate a positive, finite number of seconds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
+    if not (value > 0 and math.isfinite(value)):
+        raise InvalidArgumentError(
+            f"{name} must be a finite number > 0 seconds, got {value!r}"
+        )
+    return float(value)
+
+
+class Engine:
+    """Entries of one front-end kind in one shared segment, for every process.
+
+    Args:
+        name: Cache name: 1-64 characters of ``[A-Za-z0-9._-]``, not starting with ``.``.
+        kind: The front-end's segment kind (``"llm"``, ``"bytes"``, ``"nodes"``): each
+            kind of a name has its own segment file.
+        owner: The front-end's class name, for messages (``SharedMemoryCache``).
+        size_bytes: Segment size, fixed when the segment is created.
+        ttl: Seconds an entry stays valid after it is written; None: until evicted.
+        directory: Where segment files live; default ``/dev/shm/shmcache-<uid>``.
+        lock_timeout: The longest any call waits for another process, in seconds.
+        coalesce: Concurrent identical misses: one caller computes, the rest wait.
+        coalesce_timeout: The longest a read waits for one computing caller.
+        remote: None, a Redis URL or client: a tier every host shares.
+        remote_timeout: The longest one remote call may take before it counts as failed.
+
+    Raises:
+        TypeError: an argument has the wrong type.
+        ValueError: an argument is out of range, or ``remote`` has another scheme.
+        ShmCacheError: the segment cannot be opened (its subclasses say why).
+    """
+
+    # This process's slot in the segment's counter table (None until claimed).
+    _counts: memoryview | None
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        kind: str = "llm",
+        owner: str = "SharedMemoryCache",
+        size_bytes: int = _DEFAULT_SIZE,
+        ttl: float | None = None,
+        directory: str | os.PathLike[str] | None = None,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S,
+        coalesce: bool = False,
+        coalesce_timeout: float = DEFAULT_COALESCE_TIMEOUT_S,
+        remote: object = None,
+        remote_timeout: float = DEFAULT_REMOTE_TIMEOUT_S,
+    ) -> None:
+        self._name = check_name(name)
+        self._kind = kind
+        self._owner = owner
+        if not isinstance(coalesce, bool):
+            raise TypeError(f"coalesce must be a bool, not {type(coalesce).__name__}")
+        self._coalesce_timeout = check_seconds("coalesce_timeout", coalesce_timeout)
+        self._remote_timeout = check_seconds("remote_timeout", remote_timeout)
+        remote_spec = _remote.parse_remote(remote)  # before any resource is taken
+        if isinstance(size_bytes, bool) or not isinstance(size_bytes, int):
+            raise TypeError(f"size_bytes must be an int, not {type(size_bytes).__name__}")
+        if size_bytes < MIN_SIZE_BYTES:
+            raise InvalidArgumentError(
+                f"size_bytes must be at least {MIN_SIZE_BYTES} (1 MiB), got {size_bytes}"
+            )
+        self._ttl = None if ttl is None else check_seconds("ttl", ttl)
+        self._lock_timeout = check_seconds("lock_timeout", lock_timeout)
+        self._requested_size = size_bytes
+        self._directory_arg = None if directory is None else os.fspath(directory)
+        directory_path = resolve_directory(directory, create=True)
+        self._path = segment_path(directory_path, self._name, _arena.FORMAT_VERSION, kind)
+        geometry = Geometry.for_size(size_bytes)
+        mapped = open_or_create(
+            self._path,
+            size_bytes,
+            _arena.HEADER_BYTES,
+            lambda mapping: _arena.initialise(mapping, geometry),
+            self._lock_timeout,
+        )
+        arena = None
+        try:
+            arena = Arena(mapped.mapping, self._read_geometry(mapped))
+            self._lock = SegmentLock(self._path, mapped.fd)
+            owner_file = _owners.for_path(self._path)
+        except BaseException:
+            if arena is not None:
+                arena.release()  # the mapping cannot close while viewed
+            mapped.close()
+            raise
+        self._arena = arena
+        self._arena_words = arena.words
+        self._mapped: MappedFile | None = mapped
+        self._resources = _Resources(mapped.fd, self._lock, owner_file)
+        # Dropped without close(): give back the fds and the owner slot.
+        self._finalizer = weakref.finalize(self, self._resources.release)
+        self._coalescer = Coalescer(self, self._coalesce_timeout) if coalesce else None
+        # The remote tier (None without remote=): Redis leases this instance's callers
+        # hold, by caller and key digest, and the asyncio tasks watched for them.
+        self._remote: RemoteTier | None = None
+        self._remote_leases: dict[CallerKey, dict[bytes, str]] = {}
+        self._remote_watched: set[int] = set()
+        actual = self._arena.geometry.size_bytes
+        if not mapped.created and actual != size_bytes and type(size_bytes) is not _DefaultSize:
+            logger.warning(
+                "segment %s already exists with size_bytes=%d; ignoring size_bytes=%d "
+                "(remove it with `%s` to change its size)",
+                self._path, actual, size_bytes, self._cli_command("rm"),
+            )
+        # Opening takes no lock: what a dead writer left is repaired by the next
+        # writer, and the owner slot is claimed (lock-free) at the first count.
+        self._reset_local_counts()
+        self._last_warning: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+        if remote_spec is not None:
+            created_ns = self._arena.geometry.created_ns
+            try:
+                self._remote = RemoteTier(
+                    remote_spec, self._name, self._remote_timeout,
+                    _remote.host_id(self._path, created_ns), created_ns,
+                )
+            except BaseException:
+                self.close()
+                raise
+            self._remote.start(self)  # its first poll runs in the background
+        _OPEN_ENGINES.add(self)
+
+    def _settings_key(self) -> tuple[object, ...]:
+        remote = self._remote
+        return (
+            self._path, self._ttl, self._lock_timeout, self._coalescer is not None,
+            self._coalesce_timeout, None if remote is None else remote.spec.identity,
+            self._remote_timeout,
+        )
+
+    def _read_geometry(self, mapped: MappedFile) -> Geometry:
+        hint = f"remove it with `{self._cli_command('rm')}` and re-open the cache"
+        return _arena.read_geometry(mapped.mapping, self._path, hint)
+
+    def _cli_command(self, verb: str) -> str:
+        kind = "" if self._kind == "llm" else f" --kind {self._kind}"
+        directory = "" if self._directory_arg is None else f" --directory {self._directory_arg}"
+        return f"shmcache {verb} {self._name}{kind}{directory}"
+
+    def _reset_local_counts(self) -> None:
+        # Counts go to an owner slot, claimed at the first count (see _counts_view).
+        # Only while every slot is taken do they wait here, flushed under the lock.
+        counts = getattr(self, "_counts", None)
+        if counts is not None:
+            counts.release()
+        self._counts: memoryview | None = None
+        self._counts_pid = 0
+        self._hits = 0
+        self._misses = 0
+        self._skipped = 0
+        self._next_claim = 0.0
+        self._next_flush = 0.0
+
+    def _counts_view(self) -> memoryview | None:
+        """This instance's owner-slot view, claiming a slot for this process if needed.
+
+        The pid check catches forks made from C (uWSGI), which run no at-fork hooks:
+        the child must not count into its parent's slot.
+        """
+        counts = self._counts
+        if counts is not None and self._counts_pid == _getpid():
+            return counts
+        if self._mapped is None:
+            return None
+        if self._remote is not None:
+            self._remote.ensure_started()  # a fork no hook saw (uWSGI): a new poller
+        if counts is not None:  # inherited across a fork: the parent's slot
+            self._reset_local_counts()
+            self._resources.slot = -1
+            if self._coalescer is not None:
+                self._coalescer.forget_all()  # the parent's leases stay the parent's
+            self._remote_leases = {}
+            self._remote_watched = set()
+        now = time.monotonic()
+        if now < self._next_claim:
+            return None
+        resources = self._resources
+        slot = resources.owner_file.claim(_arena.PROCESS_SLOTS, prefer=_getpid())
+        if slot is None:
+            self._next_claim = now + _FLUSH_INTERVAL_S
+            logger.warning(
+                "shmcache %r: all %d owner slots are in use; counting in the process "
+                "(flushed under the lock)", self._name, _arena.PROCESS_SLOTS,
+            )
+            return None
+        resources.slot, resources.slot_pid = slot, _getpid()
+        counts = self._arena.owner_slot(slot)
+        counts[_arena.SLOT_GENERATION] = (counts[_arena.SLOT_GENERATION] + 1) & U64_MASK
+        counts[_arena.SLOT_PID] = _getpid()
+        self._counts, self._counts_pid = counts, _getpid()
+        return counts
+
+    def _count(self, slot_word: int) -> None:
+        counts = self._counts
+        if counts is None or self._counts_pid != _getpid():
+            counts = self._counts_view()
+        if counts is not None:
+            counts[slot_word] = (counts[slot_word] + 1) & U64_MASK
+        elif slot_word == _arena.SLOT_HITS:
+            self._hits += 1
+        elif slot_word == _arena.SLOT_MISSES:
+            self._misses += 1
+        elif slot_word == _arena.SLOT_SKIPPED:
+            self._skipped += 1
+        # (coalescing counts need a slot: without one nothing is coalesced)
+
+    # -- properties -------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The cache name."""
+        return self._name
+
+    @property
+    def path(self) -> str:
+        """The segment file's path."""
+        return self._path
+
+    @property
+    def ttl(self) -> float | None:
+        """Seconds entries written by this instance stay valid (None: no expiry)."""
+        return self._ttl
+
+    @property
+    def lock_timeout(self) -> float:
+        """The longest any call waits for another process, in seconds."""
+        return self._lock_timeout
+
+    @property
+    def coalesce(self) -> bool:
+        """True when concurrent identical misses are coalesced."""
+        return self._coalescer is not None
+
+    @property
+    def coalesce_timeout(self) -> float:
+        """The longest a lookup waits for one computing caller, in seconds."""
+        return self._coalesce_timeout
+
+    @property
+    def remote_timeout(self) -> float:
+        """The longest one remote call may take, in seconds."""
+        return self._remote_timeout
+
+    @property
+    def remote(self) -> str | None:
+        """Where the remote tier is (no password), or None without one."""
+        return None if self._remote is None else self._remote.where
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._mapped is None
+
+    @property
+    def has_remote(self) -> bool:
+        """True with a remote tier (reads then need their key's tag)."""
+        return self._remote is not None
+
+    @property
+    def kind(self) -> str:
+        """The segment kind (``"llm"``, ``"bytes"``, ``"nodes"``)."""
+        return self._kind
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"{self._owner}({self._name!r}, path={self._path!r}, {state})"
+
+    # -- helpers ----------------------------------------------------------------
+
+    def _open_arena(self) -> Arena:
+        if self._mapped is None:
+            raise CacheClosedError(
+                f"cache {self._name!r} is closed; create a new {self._owner} to use it"
+            )
+        return self._arena
+
+    def _skip(self, kind: str, message: str, *args: object) -> None:
+        """Count a skipped update and warn, at most once per interval per kind."""
+        self._count(_arena.SLOT_SKIPPED)
+        now = time.monotonic()
+        if now - self._last_warning.get(kind, -math.inf) < _WARNING_INTERVAL_S:
+            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+            return
+        self._last_warning[kind] = now
+        suppressed = self._suppressed.pop(kind, 0)
+        suffix = f" ({suppressed} similar warnings suppressed)" if suppressed else ""
+        logger.warning("shmcache %r: update not stored: " + message + suffix, self._name, *args)
+
+    def skip_lock_timeout(self) -> None:
+        self._skip("lock-timeout", "lock not had within lock_timeout=%ss", self._lock_timeout)
+
+    def _flush_locked(self, arena: Arena) -> None:
+        """*Locked.* Move counts kept in the process into the segment."""
+        if self._hits or self._misses or self._skipped:
+            hits, misses, skipped = self._hits, self._misses, self._skipped
+            self._hits = self._misses = self._skipped = 0
+            counts = self._counts_view()
+            if counts is not None:
+                counts[_arena.SLOT_HITS] = (counts[_arena.SLOT_HITS] + hits) & U64_MASK
+                counts[_arena.SLOT_MISSES] = (counts[_arena.SLOT_MISSES] + misses) & U64_MASK
+                counts[_arena.SLOT_SKIPPED] = (counts[_arena.SLOT_SKIPPED] + skipped) & U64_MASK
+            else:
+                arena.add_counter(_arena.W_HITS, hits)
+                arena.add_counter(_arena.W_MISSES, misses)
+                arena.add_counter(_arena.W_SKIPPED, skipped)
+        if self._remote is not None:
+            self._flush_remote_locked()
+        self._next_flush = time.monotonic() + _FLUSH_INTERVAL_S
+
+    def _maybe_flush(self, arena: Arena) -> None:
+        if self._counts is not None or time.monotonic() < self._next_flush:
+            return
+        self._next_flush = time.monotonic() + _FLUSH_INTERVAL_S
+        self._run_locked(self._flush_repaired, arena, timeout_s=0.0)  # never wait for it
+
+    def _flush_repaired(self, arena: Arena) -> None:
+        arena.repair()
+        self._flush_locked(arena)
+
+    def _run_locked(
+        self, fn: Callable[..., _T], *args: Any, timeout_s: float | None = None
+    ) -> tuple[bool, _T | None]:
+        """Run ``fn(*args)`` holding the writer lock, waiting at most ``timeout_s``.
+
+        Returns ``(False, None)`` when the lock was not had in time.  The acquire is
+        inside the ``try`` and the release is the first C call of the ``finally``,
+        so an exception raised at any bytecode (KeyboardInterrupt, a signal
+        handler's) never leaves the lock held; a write it cut short leaves the
+        segment's busy word set and is repaired by the next lock holder.
+        """
+        fd = self._lock.thread_fd()
+        words = self._arena_words
+        held = False
+        try:
+            held = self._lock.acquire_fd(
+                fd, self._lock_timeout if timeout_s is None else timeout_s
+            )
+            if not held:
+                return False, None
+            words[_arena.W_LOCK_PID] = _getpid()
+            return True, fn(*args)
+        finally:
+            if held:
+                words[_arena.W_LOCK_PID] = 0
+            if fd >= 0:
+                # Not contextlib.suppress: its Python __enter__ could be interrupted
+                # before the unlock runs.
+                try:  # noqa: SIM105
+                    flock(fd, UNLOCK)
+                except OSError:  # closed by close() in another thread meanwhile
+                    pass
+
+    async def _arun_locked(self, fn: Callable[..., _T], *args: Any) -> tuple[bool, _T | None]:
+        """:meth:`_run_locked` for coroutines: waits with ``asyncio.sleep``."""
+        fd = self._lock.thread_fd()
+        words = self._arena_words
+        held = False
+        try:
+            held = await self._acquire_async(fd)
+            if not held:
+                return False, None
+            words[_arena.W_LOCK_PID] = _getpid()
+            return True, fn(*args)
+        finally:
+            if held:
+                words[_arena.W_LOCK_PID] = 0
+            if fd >= 0:
+                try:  # noqa: SIM105 (see _run_locked)
+                    flock(fd, UNLOCK)
+                except OSError:
+                    pass
+
+    def _decode(self, value: memoryview | bytes | None, decode: Decode) -> Any:
+        """The front-end's value of ``value``, or None (absent or refused)."""
+        if value is None:
+            return None
+        try:
+            # The record matched its key digest, position and crc32.
+            return decode(value)
+        except CodecVersionError:
+            return None  # written by another release (rolling upgrade): a plain miss
+        except CodecError as exc:
+            # The record passed its crc, so this is a codec bug or a foreign writer.
+            logger.error("shmcache %r: undecodable entry treated as a miss: %s",
+                         self._name, exc)
+            return None
+
+    def _result(self, arena: Arena, value: memoryview | None, decode: Decode) -> Any:
+        decoded = self._decode(value, decode)
+        self._count(_arena.SLOT_MISSES if decoded is None else _arena.SLOT_HITS)
+        if self._counts is None:
+            self._maybe_flush(arena)
+        return decoded
+
+    def fits(self, payload_length: int) -> bool:
+        """Does a payload of this many bytes fit in one record of the segment?"""
+        arena = self._arena
+        return arena.record_bytes(payload_length) <= arena.max_record_bytes
+
+    @property
+    def max_payload_bytes(self) -> int:
+        """The largest payload one entry of this segment can hold."""
+        return self._arena.max_record_bytes - _arena.RECORD_HEADER_BYTES
+
+    def expiry(self, ttl: float | None = None) -> float:
+        """The expiry (unix seconds, 0: none) of an entry written now.
+
+        Args:
+            ttl: Seconds; None: this engine's ``ttl``.
+        """
+        ttl_s = self._ttl if ttl is None else ttl
+        return time.time() + ttl_s if ttl_s is not None else 0.0
+
+    def skip(self, kind: str, message: str, *args: object) -> None:
+        """Count a skipped write and warn (at most once per interval per kind)."""
+        self._skip(kind, message, *args)
+
+    def skip_too_large(self, payload_length: int) -> None:
+        """Count and warn about a value too large for one entry."""
+        self._skip(
+            "too-large",
+            "the value takes %d bytes; the largest entry this segment takes is %d "
+            "(create it with a larger size_bytes)",
+            payload_length, self.max_payload_bytes,
+        )
+
+    def _store_locked(
+        self, arena: Arena, items: Sequence[Prepared], caller: CallerKey | None
+    ) -> None:
+        # No try/finally around end(): a write cut short must leave the busy word
+        # set, so the next lock holder repairs it (see Arena.begin).
+        arena.begin()
+        for item in items:
+            arena.store(*item)
+        if self._hits or self._misses or self._skipped:
+            self._flush_locked(arena)
+        elif self._remote is not None:
+            self._flush_remote_locked()
+        arena.end()
+        if caller is not None and self._coalescer is not None:
+            # Stored: the waiters find it now.  The caller's other leases end too.
+            self._coalescer.release_locked(caller)
+
+    def _delete_locked(self, arena: Arena, digests: Sequence[bytes]) -> int:
+        arena.begin()
+        removed = sum(arena.delete(digest) for digest in digests)
+        self._flush_locked(arena)
+        arena.end()
+        return removed
+
+    def _clear_locked(
+        self, arena: Arena, tag: int | None, event: _remote.ClearEvent | None = None
+    ) -> None:
+        arena.begin()
+        if tag is None:
+            arena.clear()
+        else:
+            removed = arena.clear_llm_string(tag)
+            logger.debug("shmcache %r: cleared %d entries", self._name, removed)
+        words = self._arena_words
+        # Remote fills that asked Redis before this clear are dropped (_fill_locked).
+        words[_remote.W_LOCAL_CLEARS] = (words[_remote.W_LOCAL_CLEARS] + 1) & U64_MASK
+        if event is not None:
+            self._note_clear_locked(event)
+        self._flush_locked(arena)
+        arena.end()
+
+    def _timeout_error(self, action: str) -> LockTimeoutError:
+        holder = self.lock_holder()
+        who = (
+            f"process {holder} holds it (if it is stopped, `kill -CONT {holder}`; if it "
+            "hangs, end it: the kernel then frees the lock)"
+            if holder
+            else "another process holds it"
+        )
+        return LockTimeoutError(
+            f"could not {action} cache {self._name!r} within lock_timeout="
+            f"{self._lock_timeout}s: {who}; retry, or raise lock_timeout"
+        )
+
+    async def _acquire_async(self, fd: int) -> bool:
+        """Take the lock without blocking the event loop (bounded by lock_timeout)."""
+        lock = self._lock
+        if lock.try_acquire_fd(fd):
+            return True
+        if fd < 0:
+            return False
+        deadline = time.monotonic() + self._lock_timeout
+        backoff = _ASYNC_FIRST_BACKOFF_S
+        while True:
+            await asyncio.sleep(backoff)
+            if lock.try_acquire_fd(fd):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            backoff = min(backoff * 2, _ASYNC_MAX_BACKOFF_S)
+
+    @staticmethod
+    def _find_repaired(arena: Arena, digest: bytes) -> memoryview | None:
+        arena.repair()
+        found = arena.find_locked(digest, time.time())
+        # The view must not outlive the lock: copy the (already crc-checked) bytes.
+        return None if found is None else memoryview(bytes(found))
+
+    # -- reads --------------------------------------------------------------------
+
+    def get(self, digest: bytes, tag: int, decode: Decode, decode_untrusted: Decode) -> Any:
+        """The decoded value stored under ``digest``, or None.
+
+        A miss with coalescing makes this caller the computing caller of the key
+        (None), or waits for the one computing it.  With a remote tier a local miss
+        asks Redis; a value found there is stored here with its remaining TTL.
+
+        Args:
+            digest: The key's 32-byte digest.
+            tag: The key's clear tag (what :meth:`clear` removes it by); only the
+                remote tier reads it (its keys carry it), so without one any int.
+            decode: Decodes a local (crc-checked) payload; CodecError: a miss.
+            decode_untrusted: Decodes a payload from Redis; CodecError: a miss.
+
+        Raises:
+            CacheClosedError: the engine was closed.
+        """
+        if self._mapped is None:
+            self._open_arena()  # raises CacheClosedError
+        arena = self._arena
+        found: memoryview | Contended | None = arena.find(digest, time.time())
+        if found is None:
+            if self._coalescer is not None:
+                return self._coalesced_miss(arena, digest, tag, decode, decode_untrusted)
+            if self._remote is not None:
+                return self._drive(
+                    self._remote_flow(arena, digest, tag, None, decode_untrusted)
+                )
+            counts = self._counts
+            if counts is not None and self._counts_pid == _getpid():
+                # The common miss, kept short.
+                counts[_arena.SLOT_MISSES] = (counts[_arena.SLOT_MISSES] + 1) & U64_MASK
+                return None
+        if found is CONTENDED:
+            # A writer kept changing this bucket: read under the lock (bounded wait).
+            found = self._run_locked(self._find_repaired, arena, digest)[1]
+        assert not isinstance(found, Contended)
+        return self._result(arena, found, decode)
+
+    async def aget(
+        self, digest: bytes, tag: int, decode: Decode, decode_untrusted: Decode
+    ) -> Any:
+        """Async :meth:`get`: lock-free, so a hit runs inline with no thread hop."""
+        arena = self._open_arena()
+        found: memoryview | Contended | None = arena.find(digest, time.time())
+        if found is None:
+            if self._coalescer is not None:
+                return await self._acoalesced_miss(arena, digest, tag, decode, decode_untrusted)
+            if self._remote is not None:
+                return await self._adrive(
+                    self._remote_flow(arena, digest, tag, None, decode_untrusted)
+                )
+        if found is CONTENDED:
+            found = (await self._arun_locked(self._find_repaired, arena, digest))[1]
+        assert not isinstance(found, Contended)
+        return self._result(arena, found, decode)
+
+    # -- coalescing ---------------------------------------------------------------
+
+    def _poll(self, arena: Arena, digest: bytes) -> memoryview | None:
+        found = arena.find(digest, time.time())
+        return found if isinstance(found, memoryview) else None
+
+    def _settle(self, value: memoryview | bytes | None, waited: bool, decode: Decode) -> Any:
+        decoded = self._decode(value, decode)
+        if decoded is None:
+            self._count(_arena.SLOT_MISSES)
+        else:
+            self._count(_arena.SLOT_HITS)
+            if waited:
+                self._count(_arena.SLOT_COALESCED)
+        return decoded
+
+    def _coalesced_miss(
+        self, arena: Arena, digest: bytes, tag: int, decode: Decode, decode_untrusted: Decode
+    ) -> Any:
+        """A miss with coalescing: compute (None), or wait for the computing caller."""
+        coalescer = self._coalescer
+        assert coalescer is not None
+        if self._counts_pid != _getpid():
+            self._counts_view()  # a fork made from C: become this process's own owner
+        caller = caller_key()
+        if coalescer.holds(caller, digest):
+            return self._settle(None, False, decode)  # our own lease: a retry, or generate([p, p])
+        waited_on: Lease | None = None  # the computing caller we wait for, and until when
+        patience = 0
+        waited = False
+        while True:
+            done, step = self._run_locked(
+                coalescer.step_locked, digest, caller, waited_on, patience
+            )
+            if not done or step is None or step.kind == "uncoalesced":
+                if self._mapped is None:
+                    return None  # closed by another thread while we waited
+                self._count(_arena.SLOT_UNCOALESCED)
+                if self._remote is not None:
+                    return self._drive(
+                        self._remote_flow(arena, digest, tag, None, decode_untrusted)
+                    )
+                return self._settle(None, False, decode)
+            if step.kind == "hit":
+                return self._settle(step.value, waited, decode)
+            if step.kind == "own":
+                if self._remote is not None:  # this host's computing caller asks Redis
+                    return self._drive(
+                        self._remote_flow(arena, digest, tag, caller, decode_untrusted)
+                    )
+                return self._settle(None, False, decode)
+            assert step.lease is not None
+            waited = True
+            if waited_on is None or not same_holder(step.lease, waited_on):
+                # A new computing caller: our coalesce_timeout starts again for it.
+                waited_on, patience = step.lease, coalescer.patience_deadline_ns()
+            value = coalescer.wait(step.lease, patience, lambda: self._poll(arena, digest))
+            if value is not None:
+                return self._settle(value, True, decode)
+            # The lease ended without a value: take it over, or wait for the new owner.
+
+    async def _acoalesced_miss(
+        self, arena: Arena, digest: bytes, tag: int, decode: Decode, decode_untrusted: Decode
+    ) -> Any:
+        """:meth:`_coalesced_miss` for coroutines (waits with ``asyncio.sleep``)."""
+        coalescer = self._coalescer
+        assert coalescer is not None
+        if self._counts_pid != _getpid():
+            self._counts_view()
+        caller = caller_key()
+        if coalescer.holds(caller, digest):
+            return self._settle(None, False, decode)
+        waited_on: Lease | None = None
+        patience = 0
+        waited = False
+        while True:
+            done, step = await self._arun_locked(
+                coalescer.step_locked, digest, caller, waited_on, patience
+            )
+            if not done or step is None or step.kind == "uncoalesced":
+                if self._mapped is None:
+                    return None
+                self._count(_arena.SLOT_UNCOALESCED)
+                if self._remote is not None:
+                    return await self._adrive(
+                        self._remote_flow(arena, digest, tag, None, decode_untrusted)
+                    )
+                return self._settle(None, False, decode)
+            if step.kind == "hit":
+                return self._settle(step.value, waited, decode)
+            if step.kind == "own":
+                coalescer.watch_task(caller)  # a cancelled or failed task frees its waiters
+                if self._remote is not None:
+                    self._watch_remote_task(caller)
+                    return await self._adrive(
+                        self._remote_flow(arena, digest, tag, caller, decode_untrusted)
+                    )
+                return self._settle(None, False, decode)
+            assert step.lease is not None
+            waited = True
+            if waited_on is None or not same_holder(step.lease, waited_on):
+                waited_on, patience = step.lease, coalescer.patience_deadline_ns()
+            value = await coalescer.await_value(
+                step.lease, patience, lambda: self._poll(arena, digest)
+            )
+            if value is not None:
+                return self._settle(value, True, decode)
+
+    # -- remote tier ----------------------------------------------------------------
+    #
+    # A local miss that reaches Redis runs as a *flow*: a generator that yields its
+    # blocking steps (remote calls, locked sections, pauses) to a driver, _drive for
+    # lookup and _adrive for alookup, so sync and async share one logic and the
+    # async one never blocks the loop (remote calls run in the tier's worker threads).
+    # No remote call is ever made holding the writer lock.
+
+    def _remote_flow(
+        self, arena: Arena, digest: bytes, llm_hash: int, caller: CallerKey | None,
+        decode: Decode,
+    ) -> _Flow:
+        """A local miss through the remote tier.
+
+        Args:
+            caller: This host's computing caller of the key (it holds the local lease):
+                it also coordinates with the other hosts through the Redis lease.  None
+                for a plain read (coalesce=False, or the miss went uncoalesced).
+
+        Returns (as the generator's value):
+            The generations found in Redis (also stored in the segment), or None: the
+            caller computes the value (or the cache was closed meanwhile).
+        """
+        remote = self._remote
+        assert remote is not None
+        remote.ensure_started()
+        words = self._arena_words
+        clears = int(words[_remote.W_LOCAL_CLEARS])
+        if caller is None:
+            fetched = yield _Call(remote.fetch, (digest, llm_hash))
+            found = yield from self._from_remote(
+                arena, fetched, digest, llm_hash, None, clears, decode
+            )
+            return self._remote_miss(fetched) if found is None else self._remote_hit(found, False)
+        # This host's computing caller: the value, else the lease of every host.
+        token = self._lease_token()
+        timeout_s = self._coalesce_timeout
+        waited = False
+        waiting_for: str | None = None
+        patience = 0.0
+        delay = _remote.LEASE_POLL_FIRST_S
+        next_liveness = 0.0
+        # Redis answered: (value or None, holder or None); FAILED: it did not.
+        answer = yield _Call(remote.fetch_or_lease, (digest, llm_hash, token, timeout_s))
+        while True:
+            if not isinstance(answer, tuple):
+                return self._remote_miss(answer)  # Redis failed: compute (uncoordinated)
+            value, holder = answer
+            found = yield from self._from_remote(
+                arena, value, digest, llm_hash, caller, clears, decode
+            )
+            if found is not None:
+                return self._remote_hit(found, waited)
+            if holder is None:  # a value that failed its checks: the lease on its own
+                holder = yield _Call(remote.take_lease, (digest, token, timeout_s))
+            if holder is TAKEN:
+                self._remote_leases.setdefault(caller, {})[digest] = token
+                return self._remote_miss(None)
+            if not isinstance(holder, str):
+                return self._remote_miss(holder)
+            # Another caller computes it (another host's, or a process here).
+            now = time.monotonic()
+            if holder != waiting_for:  # a new computing caller: our patience starts again
+                waiting_for, patience = holder, now + timeout_s
+            elif now >= patience:
+                # Waited our own coalesce_timeout for it: take over (others follow us).
+                self._count(_arena.SLOT_COALESCE_TIMEOUTS)
+                yield _Call(remote.force_lease, (digest, token, timeout_s))
+                self._remote_leases.setdefault(caller, {})[digest] = token
+                return self._remote_miss(None)
+            if now >= next_liveness:
+                next_liveness = now + _remote.LEASE_LIVENESS_EVERY_S
+                if self._holder_dead(holder):  # a dead process of this host: take it now
+                    yield _Call(remote.release, ([(digest, holder)],))
+                    answer = yield _Call(
+                        remote.fetch_or_lease, (digest, llm_hash, token, timeout_s)
+                    )
+                    continue
+            waited = True
+            yield _Sleep(delay)
+            delay = min(delay * 2, _remote.LEASE_POLL_MAX_S)
+            if self._mapped is None:
+                return None  # closed by another thread while we waited
+            clears = int(words[_remote.W_LOCAL_CLEARS])
+            polled = yield _Call(remote.poll, (digest, llm_hash))
+            if not isinstance(polled, tuple):
+                return self._remote_miss(polled)
+            value, current = polled
+            if isinstance(value, Fetched):
+                answer = (value, None)
+            elif current is not None:
+                answer = (None, current)
+            else:  # it ended without a value: take it, or follow whoever did
+                answer = yield _Call(remote.fetch_or_lease, (digest, llm_hash, token, timeout_s))
+
+    def _from_remote(
+        self, arena: Arena, fetched: object, digest: bytes, llm_hash: int,
+        caller: CallerKey | None, clears: int, decode: Decode,
+    ) -> Generator[_Step, Any, Any]:
+        """Decode a remote value (hostile-input checks) and store it in the segment."""
+        if not isinstance(fetched, Fetched):
+            return None
+        remote = self._remote
+        assert remote is not None
+        try:
+            decoded = decode(fetched.payload)
+        except CodecVersionError:
+            return None  # another release's layout (rolling upgrade): a plain miss
+        except CodecError as exc:
+            remote.warn_undecodable(digest, llm_hash, str(exc))
+            return None
+        remote.count_hit()
+        fits = arena.record_bytes(len(fetched.payload)) <= arena.max_record_bytes
+        prepared = Prepared(digest, llm_hash, fetched.payload, fetched.expires) if fits else None
+        yield _Locked(self._fill_locked, (arena, digest, prepared, caller, clears))
+        return decoded
+
+    def _fill_locked(
+        self,
+        arena: Arena,
+        digest: bytes,
+        prepared: Prepared | None,
+        caller: CallerKey | None,
+        clears: int,
+    ) -> None:
+        """*Locked.* Store a remote value in the segment (with Redis' remaining TTL).
+
+        Skipped when the segment was cleared since Redis was asked: the value may
+        predate the clear.  The caller's local lease of the key ends (only that one:
+        ``generate([p1, p2])`` may still compute p1).
+        """
+        if prepared is not None and self._arena_words[_remote.W_LOCAL_CLEARS] == clears:
+            self._store_locked(arena, (prepared,), None)
+        else:
+            self._flush_remote_locked()
+        coalescer = self._coalescer
+        if caller is not None and coalescer is not None:
+            held = coalescer._held.get(caller)
+            lease = None if held is None else held.pop(digest, None)
+            if lease is not None:
+                coalescer._table.release(lease.entry, lease.tag, lease.owner, lease.token)
+            if held is not None and not held:
+                coalescer._held.pop(caller, None)
+
+    def _remote_hit(self, decoded: Any, waited: bool) -> Any:
+        self._count(_arena.SLOT_HITS)
+        if waited:
+            self._count(_arena.SLOT_COALESCED)
+        return decoded
+
+    def _remote_miss(self, outcome: object) -> None:
+        """Count a lookup that Redis did not serve (its errors are counted already)."""
+        remote = self._remote
+        if remote is not None and outcome is not FAILED:
+            remote.count_miss()
+            self._remote_flush()
+        self._count(_arena.SLOT_MISSES)
+        if self._counts is None:
+            self._maybe_flush(self._arena)
+        return None
+
+    def _drive(self, flow: _Flow) -> Any:
+        """Run a remote flow for a sync caller."""
+        result: Any = None
+        while True:
+            try:
+                step = flow.send(result)
+            except StopIteration as stop:
+                return stop.value
+            if type(step) is _Call:
+                result = step.fn(*step.args)
+            elif type(step) is _Locked:
+                result = self._run_locked(step.fn, *step.args)
+            else:
+                assert type(step) is _Sleep
+                time.sleep(step.seconds)
+                result = None
+
+    async def _adrive(self, flow: _Flow) -> Any:
+        """Run a remote flow in a coroutine: remote calls in worker threads, pauses
+        with ``asyncio.sleep``."""
+        remote = self._remote
+        assert remote is not None
+        result: Any = None
+        while True:
+            try:
+                step = flow.send(result)
+            except StopIteration as stop:
+                return stop.value
+            if type(step) is _Call:
+                result = await remote.run(step.fn, *step.args)
+            elif type(step) is _Locked:
+                result = await self._arun_locked(step.fn, *step.args)
+            else:
+                assert type(step) is _Sleep
+                await asyncio.sleep(step.seconds)
+                result = None
+
+    def _lease_token(self) -> str:
+        remote = self._remote
+        assert remote is not None
+        counts = self._counts
+        generation = 0 if counts is None else int(counts[_arena.SLOT_GENERATION])
+        return _remote.lease_token(remote.host_id, self._resources.slot, generation)
+
+    def _holder_dead(self, token: str) -> bool:
+        """Is the Redis lease holder a process of this host that is provably dead?"""
+        parsed = _remote.parse_token(token)
+        remote = self._remote
+        coalescer = self._coalescer
+        if parsed is None or remote is None or coalescer is None or parsed[0] != remote.host_id:
+            return False  # another host's: its lease lapses with its PX
+        _, slot, generation = parsed
+        return not coalescer._owner_alive(Lease(0, 0, owner_word(slot, generation), 0, 0))
+
+    def _remote_put_args(
+        self, items: Sequence[Prepared]
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[bytes, str]]]:
+        """What a write sends to Redis, and the caller's other Redis leases to end."""
+        held = self._remote_leases.pop(caller_key(), None) or {}
+        puts = []
+        for digest, tag, payload, expires in items:
+            token = held.pop(digest, None)
+            puts.append((digest, tag, payload, expires, self._ttl, token))
+        return puts, list(held.items())
+
+    def _end_remote_leases(self, caller: CallerKey, in_loop: bool | None = None) -> None:
+        """End a caller's Redis leases; from an event loop, in a worker thread."""
+        remote = self._remote
+        held = self._remote_leases.pop(caller, None)
+        if remote is None or not held:
+            return
+        items = list(held.items())
+        if in_loop is None:
+            try:
+                asyncio.get_running_loop()
+                in_loop = True
+            except RuntimeError:
+                in_loop = False
+        if in_loop:
+            with contextlib.suppress(RuntimeError):  # shut down by close() meanwhile
+                remote._executor_now().submit(remote.release, items)
+        else:
+            remote.release(items)
+
+    def _watch_remote_task(self, caller: CallerKey) -> None:
+        """A task that ends (cancelled, failed) without updating frees its Redis leases."""
+        task = asyncio.current_task()
+        if task is None or caller[1] in self._remote_watched:
+            return
+        self._remote_watched.add(caller[1])
+
+        def done(_: object) -> None:
+            self._remote_watched.discard(caller[1])
+            if not self.closed:
+                self._end_remote_leases(caller, in_loop=True)
+
+        task.add_done_callback(done)
+
+    def _remote_pending(self) -> bool:
+        remote = self._remote
+        return remote is not None and any(remote.pending_counts())
+
+    def _flush_remote_locked(self) -> None:
+        """*Locked.* Add this instance's pending remote counts to the header words.
+
+        Remote events are counted under the writer lock, not in the owner slot (its
+        eight words are all taken and the header has no room for a second per-slot
+        table): each one already costs a network round trip (~50 µs), so the lock
+        (~2 µs) is cheap, and it is tried at once after each event without waiting
+        (_remote_flush), so the counts stay exact even for a process killed later.
+        """
+        remote = self._remote
+        if remote is None:
+            return
+        words = self._arena_words
+        for word, delta in zip(_remote.REMOTE_WORDS, remote.take_counts()):  # noqa: B905
+            if delta:
+                words[word] = (words[word] + delta) & U64_MASK
+
+    # What the tier's poller thread calls (the RemoteHost protocol).
+
+    def _remote_flush(self) -> None:
+        if self._mapped is not None and self._remote_pending():
+            self._run_locked(self._flush_remote_locked, timeout_s=0.0)
+
+    def _remote_state(self) -> tuple[int, int]:
+        words = self._arena_words
+        return int(words[_remote.W_CLEAR_EPOCH]), int(words[_remote.W_CLEAR_SEQ])
+
+    def _remote_poll_due(self, interval_ns: int) -> bool:
+        words = self._arena_words
+        now = time.monotonic_ns()
+        due = int(words[_remote.W_NEXT_POLL_NS])
+        if now < due <= now + 2 * interval_ns:
+            return False  # another process of this host polls this turn
+        words[_remote.W_NEXT_POLL_NS] = now + interval_ns
+        return True
+
+    def _remote_apply(self, plan: _remote.ClearPlan) -> None:
+        if self._mapped is not None:
+            self._run_locked(self._apply_clears_locked, self._arena, plan)
+
+    def _apply_clears_locked(self, arena: Arena, plan: _remote.ClearPlan) -> None:
+        """*Locked.* Apply the clears of other hosts, once for this host."""
+        words = self._arena_words
+        if self._remote_state() != plan.expected:
+            return  # another process of the host got here first: it applied them
+        arena.begin()
+        if plan.full:
+            arena.clear()
+        else:
+            for llm_hash in sorted(plan.llm_hashes):
+                arena.clear_llm_string(llm_hash)
+        if plan.clears_anything:
+            words[_remote.W_LOCAL_CLEARS] = (words[_remote.W_LOCAL_CLEARS] + 1) & U64_MASK
+            logger.debug("shmcache %r: applied clears up to %d of the remote tier",
+                         self._name, plan.seq)
+        words[_remote.W_CLEAR_EPOCH] = plan.epoch
+        words[_remote.W_CLEAR_SEQ] = plan.seq
+        arena.end()
+
+    def _remote_own_clear(self, event: _remote.ClearEvent) -> None:
+        if self._mapped is not None:
+            self._run_locked(self._note_clear_locked, event)
+
+    def _note_clear_locked(self, event: _remote.ClearEvent) -> None:
+        """*Locked.* This process made (and applied here) the clear ``event``: the
+        host's poller need not apply it again, if nothing before it is missing."""
+        epoch, seq = self._remote_state()
+        if (epoch == event.epoch and seq == event.seq - 1) or event.seq == 1:
+            words = self._arena_words
+            words[_remote.W_CLEAR_EPOCH] = event.epoch
+            words[_remote.W_CLEAR_SEQ] = event.seq
+
+    def release_leases(self) -> None:
+        """End the calling thread's/task's leases (what ``on_llm_error`` does).
+
+        Call it when a model call that followed a missing lookup failed outside
+        LangChain's callbacks, so the callers waiting for it go on at once.
+        """
+        if self._coalescer is not None and self._mapped is not None:
+            self._coalescer.release(caller_key())
+            caller = LEASE_CALLER.get()  # the run's caller, when we run in a copy of it
+            if caller is not None:
+                self._coalescer.release(caller)
+            if self._remote is not None:
+                self._end_remote_leases(caller_key())
+                if caller is not None:
+                    self._end_remote_leases(caller)
+
+    # -- writes -------------------------------------------------------------------
+
+    def caller_leases(self) -> CallerKey | None:
+        """The calling thread's/task's key when it holds leases, else None.
+
+        Taken before a write is prepared: the write ends those leases, whether it
+        stores or is skipped (:meth:`put`, :meth:`end_leases`).
+        """
+        self._open_arena()
+        coalescer = self._coalescer
+        if coalescer is None:
+            return None
+        if self._counts_pid != _getpid():
+            self._counts_view()
+        caller = caller_key()
+        return caller if coalescer.has_leases(caller) else None
+
+    def end_leases(self, caller: CallerKey | None) -> None:
+        """A write was skipped: its caller's leases (local and remote) end all the same."""
+        if caller is not None and self._coalescer is not None:
+            self._coalescer.release(caller)
+        if self._remote is not None:
+            self._end_remote_leases(caller_key())
+
+    def put(self, items: Sequence[Prepared], caller: CallerKey | None = None) -> bool:
+        """Store entries (each replacing its key's), under one lock hold.
+
+        Every payload must fit (:meth:`fits`).  The caller's leases end either way.
+
+        Returns:
+            False if the lock was not had within ``lock_timeout`` (nothing stored).
+        """
+        arena = self._open_arena()
+        if not self._run_locked(self._store_locked, arena, items, caller)[0]:
+            self.end_leases(caller)
+            return False
+        remote = self._remote
+        if remote is not None:  # then the other hosts (bounded by remote_timeout)
+            puts, others = self._remote_put_args(items)
+            for put in puts:
+                remote.put(*put)
+            remote.release(others)
+        return True
+
+    async def aput(self, items: Sequence[Prepared], caller: CallerKey | None = None) -> bool:
+        """Async :meth:`put`; waits for the lock without blocking the event loop."""
+        arena = self._open_arena()
+        if not (await self._arun_locked(self._store_locked, arena, items, caller))[0]:
+            self.end_leases(caller)
+            return False
+        remote = self._remote
+        if remote is not None:  # in a worker thread: the loop never waits for Redis
+            puts, others = self._remote_put_args(items)
+            for put in puts:
+                await remote.run(remote.put, *put)
+            if others:
+                await remote.run(remote.release, others)
+        return True
+
+    def delete(self, digests: Sequence[bytes]) -> int:
+        """Remove the entries of these keys; returns how many there were.
+
+        Raises:
+            LockTimeoutError: the lock was not had within ``lock_timeout``.
+        """
+        arena = self._open_arena()
+        done, removed = self._run_locked(self._delete_locked, arena, digests)
+        if not done:
+            raise self._timeout_error("delete from")
+        return removed or 0
+
+    async def adelete(self, digests: Sequence[bytes]) -> int:
+        """Async :meth:`delete`."""
+        arena = self._open_arena()
+        done, removed = await self._arun_locked(self._delete_locked, arena, digests)
+        if not done:
+            raise self._timeout_error("delete from")
+        return removed or 0
+
+    def clear(self, tag: int | None = None) -> None:
+        """Remove every entry, or with ``tag`` only the entries stored under it.
+
+        The change is seen by every process of the host at once.  With a remote tier
+        the remote entries go first, then every other host's segment follows within
+        about a second.  A clear that cannot reach Redis is kept and made once Redis
+        answers again (while this process lives).
+
+        Raises:
+            LockTimeoutError: the lock was not had within ``lock_timeout``.
+            CacheClosedError: the engine was closed.
+        """
+        arena = self._open_arena()
+        event = None
+        if self._remote is not None:
+            event = self._remote.clear(tag)
+        if not self._run_locked(self._clear_locked, arena, tag, event)[0]:
+            raise self._timeout_error("clear")
+
+    async def aclear(self, tag: int | None = None) -> None:
+        """Async :meth:`clear`; waits for the lock without blocking the event loop."""
+        arena = self._open_arena()
+        event = None
+        remote = self._remote
+        if remote is not None:
+            result = await remote.run(remote.clear, tag)
+            if isinstance(result, _remote.ClearEvent):
+                event = result
+            elif result is FAILED:  # not even tried (breaker open): keep it for later
+                remote.defer_clear(tag)
+        if not (await self._arun_locked(self._clear_locked, arena, tag, event))[0]:
+            raise self._timeout_error("clear")
+
+    def scan(self) -> Iterator[tuple[int, bytes]]:
+        """``(tag, payload)`` of every live entry, read under the lock in short steps.
+
+        Entries written or removed while the scan runs may or may not be seen.
+
+        Raises:
+            LockTimeoutError: the lock was not had within ``lock_timeout``.
+        """
+        arena = self._open_arena()
+        step = _SCAN_STEP_BUCKETS
+        for start in range(0, arena.n_buckets, step):
+            done, found = self._run_locked(arena.scan, start, start + step, time.time())
+            if not done:
+                raise self._timeout_error("read")
+            yield from found or ()
+
+    # -- statistics and lifetime ------------------------------------------------------
+
+    def stats(self) -> CacheStats:
+        """Return the segment's counters, summed over all processes.
+
+        Hits, misses and skips of every process show at once (each instance counts
+        into its own slot in the segment), including those of processes that have
+        since died or ended by ``os._exit``.
+        """
+        counts = self._open_arena().counts()
+        # What this instance has not published yet (only without an owner slot, or
+        # remote events waiting for the lock).
+        counts["hits"] += self._hits
+        counts["misses"] += self._misses
+        counts["skipped"] += self._skipped
+        if self._remote is not None:
+            for name, extra in zip(
+                ("remote_hits", "remote_misses", "remote_errors"),
+                self._remote.pending_counts(),
+                strict=True,
+            ):
+                counts[name] += extra
+        return CacheStats(**counts)
+
+    def lock_holder(self) -> int | None:
+        """The pid that the writer lock's current holder recorded, or None.
+
+        For diagnostics (the CLI names it when the lock is not had): a process in
+        another pid namespace records a pid that may mean nothing here.
+        """
+        pid = self._open_arena().lock_holder()
+        return pid or None
+
+    def check(self) -> list[str]:
+        """Verify the whole segment (what ``shmcache check`` runs).
+
+        What a writer killed mid-write left half-done is repaired first and is not
+        reported: only real damage is.  The lock is held in short steps (about
+        10 ms each), so live writers are never held up for long.
+
+        Returns:
+            A description of each problem found; empty when the segment is sound.
+
+        Raises:
+            LockTimeoutError: the lock was not had within ``lock_timeout``.
+        """
+        arena = self._open_arena()
+        problems: list[str] = []
+        plan = arena.verify_plan()
+        for step in plan:
+            done, found = self._run_locked(step)
+            if not done:
+                raise self._timeout_error("check")
+            problems.extend(found or ())
+        done, found = self._run_locked(LeaseTable(self._arena_words).problems)
+        if not done:
+            raise self._timeout_error("check")
+        problems.extend(found or ())
+        return problems
+
+    def flush(self) -> bool:
+        """Publish this process's pending hit/miss/skip counts now.
+
+        Counts normally go straight to this instance's slot in the segment; they
+        wait in the process only while every slot is taken.
+
+        Returns:
+            True if they were published, False if the lock was not had in time.
+        """
+        arena = self._open_arena()
+        if self._counts is not None and not (
+            self._hits or self._misses or self._skipped or self._remote_pending()
+        ):
+            return True
+        return self._run_locked(self._flush_repaired, arena)[0]
+
+    def close(self) -> None:
+        """Detach this process from the segment (idempotent).
+
+        Pending counts are published first (if the lock is had within
+        ``lock_timeout``).  The segment itself stays for the other processes.
+        """
+        mapped = self._mapped
+        if mapped is None:
+            return
+        try:
+            remote = self._remote
+            if remote is not None:
+                # Other hosts' waiters go on at once; then stop the poller (it uses
+                # the mapping) before the mapping goes.
+                for caller in list(self._remote_leases):
+                    self._end_remote_leases(caller, in_loop=False)
+                remote.close()
+            if (
+                self._hits or self._misses or self._skipped or self._holds_leases()
+                or self._remote_pending()
+            ):
+                self._run_locked(self._detach_locked, self._arena)
+        finally:
+            self._mapped = None
+            _OPEN_ENGINES.discard(self)
+            if self._counts is not None:
+                self._counts.release()  # the mapping cannot close while viewed
+                self._counts = None
+            self._arena.release()
+            self._finalizer.detach()
+            self._resources.release()  # the slot (its counts stay), lock fds, fd
+            with contextlib.suppress(BufferError):
+                mapped.mapping.close()
+
+    def _holds_leases(self) -> bool:
+        coalescer = self._coalescer
+        return coalescer is not None and coalescer.holds_any()
+
+    def _detach_locked(self, arena: Arena) -> None:
+        self._flush_repaired(arena)
+        if self._coalescer is not None and self._counts_pid == _getpid():
+            self._coalescer.release_all_locked()  # waiters go on at once
+
+    def unlink(self) -> None:
+        """Remove the segment file (before or after :meth:`close`).
+
+        Processes already attached keep using the old segment until they close;
+        to empty a live cache for everyone use :meth:`clear` instead.
+        """
+        directory, base = os.path.split(self._path)
+        for path in (
+            self._path,
+            os.path.join(directory, f".{base}.lock"),
+            _owners.owners_path(self._path),
+        ):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def reopen_args(self) -> dict[str, Any]:
+        """What re-creates this engine elsewhere (a pickle carries it; never content)."""
+        self._open_arena()  # a closed engine does not come back to life in a pickle
+        remote = None if self._remote is None else self._remote.spec.reduce()
+        return {
+            "name": self._name, "directory": self._directory_arg, "ttl": self._ttl,
+            "lock_timeout": self._lock_timeout, "size_bytes": self._requested_size,
+            "coalesce": self._coalescer is not None,
+            "coalesce_timeout": self._coalesce_timeout, "remote": remote,
+            "remote_timeout": self._remote_timeout,
+        }
+
+
+def _after_fork_in_child() -> None:
+    # The parent's slot and pending counts are the parent's, not the child's.
+    for cache in list(_OPEN_ENGINES):
+        cache._reset_local_counts()
+        cache._resources.slot = -1
+        if cache._coalescer is not None:
+            cache._coalescer.forget_all()
+        cache._remote_leases = {}  # the parent's callers' (the tier resets itself)
+        cache._remote_watched = set()
+
+
+def _release_leases_of_current_caller() -> None:
+    """LangChain reported a failed model call: its caller's waiters go on now."""
+    for cache in list(_OPEN_ENGINES):
+        cache.release_leases()
+
+
+def _flush_at_exit() -> None:
+    for cache in list(_OPEN_ENGINES):
+        try:
+            cache.close()
+        except (OSError, ShmCacheError):  # exit must go on whatever happens here
+            logger.debug("could not close %r at exit", cache, exc_info=True)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_flush_at_exit)
+_callbacks.install(_release_leases_of_current_caller)
