@@ -181,7 +181,7 @@ class Coalescer:
     def _my_owner(self) -> int:
         cache = self._cache
         slot = cache._resources.slot
-        counts = cache._counts
+        counts = cache._counters.view
         if slot < 0 or counts is None:
             return -1
         return owner_word(slot, int(counts[_arena.SLOT_GENERATION]))
@@ -220,7 +220,7 @@ class Coalescer:
         found = cache._arena.find_locked(digest, time.time())
         if found is not None:
             return Step("hit", bytes(found))
-        counts = cache._counts_view()
+        counts = cache._counters.slot_view()
         if counts is None:
             return Step("uncoalesced")  # no owner slot to name us by
         me = owner_word(cache._resources.slot, int(counts[_arena.SLOT_GENERATION]))

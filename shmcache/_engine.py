@@ -22,17 +22,19 @@ import math
 import os
 import time
 import weakref
-from collections.abc import Callable, Generator, Iterator, Sequence
-from typing import Any, Final, NamedTuple, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Final, TypeVar
 
 from . import _arena, _callbacks, _owners, _remote
 from ._arena import CONTENDED, U64_MASK, Arena, Contended, Geometry
 from ._coalesce import LEASE_CALLER, CallerKey, Coalescer, caller_key, same_holder
 from ._codec import CodecError, CodecVersionError
+from ._counters import Counters
+from ._entries import Decode, Prepared
 from ._errors import CacheClosedError, InvalidArgumentError, LockTimeoutError, ShmCacheError
-from ._leases import Lease, LeaseTable, owner_word
+from ._leases import Lease, LeaseTable
 from ._lock import UNLOCK, SegmentLock, flock
-from ._remote import FAILED, TAKEN, Fetched, RemoteTier
+from ._remote import FAILED, RemoteTier
 from ._segment import (
     MappedFile,
     check_name,
@@ -41,6 +43,7 @@ from ._segment import (
     segment_path,
 )
 from ._stats import CacheStats
+from ._tiers import RemoteTierMixin
 
 __all__ = [
     "DEFAULT_COALESCE_TIMEOUT_S",
@@ -48,7 +51,6 @@ __all__ = [
     "DEFAULT_SIZE_BYTES",
     "MIN_SIZE_BYTES",
     "Engine",
-    "Prepared",
     "check_seconds",
 ]
 
@@ -70,10 +72,6 @@ MIN_SIZE_BYTES: Final = _arena.MIN_SIZE_BYTES
 DEFAULT_LOCK_TIMEOUT_S: Final = 1.0
 DEFAULT_COALESCE_TIMEOUT_S: Final = 30.0
 DEFAULT_REMOTE_TIMEOUT_S: Final = _remote.DEFAULT_REMOTE_TIMEOUT_S
-# Hit/miss counts go to this instance's owner slot in the segment at once.  Only while
-# every slot is taken do they wait in the process, flushed under the lock at writes,
-# at close, and at least this often while the cache is in use.
-_FLUSH_INTERVAL_S: Final = 1.0
 # The same kind of skipped-update warning is logged at most once in this interval.
 _WARNING_INTERVAL_S: Final = 10.0
 _ASYNC_FIRST_BACKOFF_S: Final = 50e-6
@@ -85,22 +83,6 @@ _SCAN_STEP_BUCKETS: Final = 512
 _OPEN_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
 _getpid = os.getpid
 _T = TypeVar("_T")
-# A read's decoders: trusted bytes (crc-checked, from this release's writers), and
-# untrusted bytes (from Redis).  Both raise CodecError for bytes they refuse.
-Decode = Callable[[memoryview | bytes], Any]
-
-
-class Prepared(NamedTuple):
-    """One entry ready to store: key digest, tag, payload bytes, expiry (0: none).
-
-    ``tag`` is the 64-bit hash an entry is cleared by (the LLM cache's llm_string,
-    the node cache's namespace).
-    """
-
-    digest: bytes
-    tag: int
-    payload: bytes
-    expires: float
 
 
 class _Resources:
@@ -134,28 +116,6 @@ class _Resources:
                 os.close(fd)
 
 
-class _Call(NamedTuple):
-    """A step of a remote flow: call the tier (sync: inline; async: a worker thread)."""
-
-    fn: Callable[..., Any]
-    args: tuple[Any, ...]
-
-
-class _Locked(NamedTuple):
-    """A step of a remote flow: run ``fn(*args)`` under the writer lock."""
-
-    fn: Callable[..., Any]
-    args: tuple[Any, ...]
-
-
-class _Sleep(NamedTuple):
-    """A step of a remote flow: pause (sync: ``time.sleep``; async: ``asyncio.sleep``)."""
-
-    seconds: float
-
-
-_Step = _Call | _Locked | _Sleep
-_Flow = Generator[_Step, Any, Any]
 
 
 def check_seconds(name: str, value: object) -> float:
@@ -169,7 +129,7 @@ def check_seconds(name: str, value: object) -> float:
     return float(value)
 
 
-class Engine:
+class Engine(RemoteTierMixin):
     """Entries of one front-end kind in one shared segment, for every process.
 
     Args:
@@ -191,9 +151,6 @@ class Engine:
         ValueError: an argument is out of range, or ``remote`` has another scheme.
         ShmCacheError: the segment cannot be opened (its subclasses say why).
     """
-
-    # This process's slot in the segment's counter table (None until claimed).
-    _counts: memoryview | None
 
     def __init__(
         self,
@@ -265,11 +222,21 @@ class Engine:
             logger.warning(
                 "segment %s already exists with size_bytes=%d; ignoring size_bytes=%d "
                 "(remove it with `%s` to change its size)",
-                self._path, actual, size_bytes, self._cli_command("rm"),
+                self._path, actual, size_bytes, self.cli_command("rm"),
             )
         # Opening takes no lock: what a dead writer left is repaired by the next
         # writer, and the owner slot is claimed (lock-free) at the first count.
-        self._reset_local_counts()
+        # A weak reference back, not a bound method: no cycle, so an engine dropped
+        # without close() is freed (its finalizer releasing its fds) at once.
+        engine_ref = weakref.ref(self)
+
+        def counts_slow_path(inherited: bool) -> None:
+            engine = engine_ref()
+            if engine is not None:
+                engine._counts_slow_path(inherited)
+
+        self._counters = Counters(arena, self._resources, self._name, counts_slow_path)
+        self._count = self._counters.count
         self._last_warning: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
         if remote_spec is not None:
@@ -287,87 +254,48 @@ class Engine:
 
     def _settings_key(self) -> tuple[object, ...]:
         remote = self._remote
-        return (
+        return self.settings_key_for(
             self._path, self._ttl, self._lock_timeout, self._coalescer is not None,
             self._coalesce_timeout, None if remote is None else remote.spec.identity,
             self._remote_timeout,
         )
 
+    @staticmethod
+    def settings_key_for(
+        path: str,
+        ttl: float | None,
+        lock_timeout: float,
+        coalesce: bool = False,
+        coalesce_timeout: float = DEFAULT_COALESCE_TIMEOUT_S,
+        remote: object = None,
+        remote_timeout: float = DEFAULT_REMOTE_TIMEOUT_S,
+    ) -> tuple[object, ...]:
+        """What tells two instances apart: front-ends reuse an open one on unpickling
+        (a pool worker that receives it with every task opens no fds per task)."""
+        return (
+            path, None if ttl is None else float(ttl), float(lock_timeout), coalesce,
+            float(coalesce_timeout), remote, float(remote_timeout),
+        )
+
     def _read_geometry(self, mapped: MappedFile) -> Geometry:
-        hint = f"remove it with `{self._cli_command('rm')}` and re-open the cache"
+        hint = f"remove it with `{self.cli_command('rm')}` and re-open the cache"
         return _arena.read_geometry(mapped.mapping, self._path, hint)
 
-    def _cli_command(self, verb: str) -> str:
+    def cli_command(self, verb: str) -> str:
+        """The ``shmcache`` command line that runs ``verb`` on this segment."""
         kind = "" if self._kind == "llm" else f" --kind {self._kind}"
         directory = "" if self._directory_arg is None else f" --directory {self._directory_arg}"
         return f"shmcache {verb} {self._name}{kind}{directory}"
 
-    def _reset_local_counts(self) -> None:
-        # Counts go to an owner slot, claimed at the first count (see _counts_view).
-        # Only while every slot is taken do they wait here, flushed under the lock.
-        counts = getattr(self, "_counts", None)
-        if counts is not None:
-            counts.release()
-        self._counts: memoryview | None = None
-        self._counts_pid = 0
-        self._hits = 0
-        self._misses = 0
-        self._skipped = 0
-        self._next_claim = 0.0
-        self._next_flush = 0.0
-
-    def _counts_view(self) -> memoryview | None:
-        """This instance's owner-slot view, claiming a slot for this process if needed.
-
-        The pid check catches forks made from C (uWSGI), which run no at-fork hooks:
-        the child must not count into its parent's slot.
-        """
-        counts = self._counts
-        if counts is not None and self._counts_pid == _getpid():
-            return counts
-        if self._mapped is None:
-            return None
-        if self._remote is not None:
-            self._remote.ensure_started()  # a fork no hook saw (uWSGI): a new poller
-        if counts is not None:  # inherited across a fork: the parent's slot
-            self._reset_local_counts()
-            self._resources.slot = -1
+    def _counts_slow_path(self, inherited: bool) -> None:
+        """What the counters' slow path needs of the engine (see ``Counters``)."""
+        if inherited:
             if self._coalescer is not None:
                 self._coalescer.forget_all()  # the parent's leases stay the parent's
             self._remote_leases = {}
             self._remote_watched = set()
-        now = time.monotonic()
-        if now < self._next_claim:
-            return None
-        resources = self._resources
-        slot = resources.owner_file.claim(_arena.PROCESS_SLOTS, prefer=_getpid())
-        if slot is None:
-            self._next_claim = now + _FLUSH_INTERVAL_S
-            logger.warning(
-                "shmcache %r: all %d owner slots are in use; counting in the process "
-                "(flushed under the lock)", self._name, _arena.PROCESS_SLOTS,
-            )
-            return None
-        resources.slot, resources.slot_pid = slot, _getpid()
-        counts = self._arena.owner_slot(slot)
-        counts[_arena.SLOT_GENERATION] = (counts[_arena.SLOT_GENERATION] + 1) & U64_MASK
-        counts[_arena.SLOT_PID] = _getpid()
-        self._counts, self._counts_pid = counts, _getpid()
-        return counts
-
-    def _count(self, slot_word: int) -> None:
-        counts = self._counts
-        if counts is None or self._counts_pid != _getpid():
-            counts = self._counts_view()
-        if counts is not None:
-            counts[slot_word] = (counts[slot_word] + 1) & U64_MASK
-        elif slot_word == _arena.SLOT_HITS:
-            self._hits += 1
-        elif slot_word == _arena.SLOT_MISSES:
-            self._misses += 1
-        elif slot_word == _arena.SLOT_SKIPPED:
-            self._skipped += 1
-        # (coalescing counts need a slot: without one nothing is coalesced)
+        elif self._remote is not None:
+            self._remote.ensure_started()  # a fork no hook saw (uWSGI): a new poller
 
     # -- properties -------------------------------------------------------------
 
@@ -456,27 +384,13 @@ class Engine:
 
     def _flush_locked(self, arena: Arena) -> None:
         """*Locked.* Move counts kept in the process into the segment."""
-        if self._hits or self._misses or self._skipped:
-            hits, misses, skipped = self._hits, self._misses, self._skipped
-            self._hits = self._misses = self._skipped = 0
-            counts = self._counts_view()
-            if counts is not None:
-                counts[_arena.SLOT_HITS] = (counts[_arena.SLOT_HITS] + hits) & U64_MASK
-                counts[_arena.SLOT_MISSES] = (counts[_arena.SLOT_MISSES] + misses) & U64_MASK
-                counts[_arena.SLOT_SKIPPED] = (counts[_arena.SLOT_SKIPPED] + skipped) & U64_MASK
-            else:
-                arena.add_counter(_arena.W_HITS, hits)
-                arena.add_counter(_arena.W_MISSES, misses)
-                arena.add_counter(_arena.W_SKIPPED, skipped)
+        self._counters.flush_locked(arena)
         if self._remote is not None:
             self._flush_remote_locked()
-        self._next_flush = time.monotonic() + _FLUSH_INTERVAL_S
 
     def _maybe_flush(self, arena: Arena) -> None:
-        if self._counts is not None or time.monotonic() < self._next_flush:
-            return
-        self._next_flush = time.monotonic() + _FLUSH_INTERVAL_S
-        self._run_locked(self._flush_repaired, arena, timeout_s=0.0)  # never wait for it
+        if self._counters.flush_due():
+            self._run_locked(self._flush_repaired, arena, timeout_s=0.0)  # never wait for it
 
     def _flush_repaired(self, arena: Arena) -> None:
         arena.repair()
@@ -553,7 +467,7 @@ class Engine:
     def _result(self, arena: Arena, value: memoryview | None, decode: Decode) -> Any:
         decoded = self._decode(value, decode)
         self._count(_arena.SLOT_MISSES if decoded is None else _arena.SLOT_HITS)
-        if self._counts is None:
+        if self._counters.view is None:
             self._maybe_flush(arena)
         return decoded
 
@@ -597,7 +511,7 @@ class Engine:
         arena.begin()
         for item in items:
             arena.store(*item)
-        if self._hits or self._misses or self._skipped:
+        if self._counters.pending:
             self._flush_locked(arena)
         elif self._remote is not None:
             self._flush_remote_locked()
@@ -630,7 +544,7 @@ class Engine:
         self._flush_locked(arena)
         arena.end()
 
-    def _timeout_error(self, action: str) -> LockTimeoutError:
+    def timeout_error(self, action: str) -> LockTimeoutError:
         holder = self.lock_holder()
         who = (
             f"process {holder} holds it (if it is stopped, `kill -CONT {holder}`; if it "
@@ -697,8 +611,9 @@ class Engine:
                 return self._drive(
                     self._remote_flow(arena, digest, tag, None, decode_untrusted)
                 )
-            counts = self._counts
-            if counts is not None and self._counts_pid == _getpid():
+            counters = self._counters
+            counts = counters.view
+            if counts is not None and counters.pid == _getpid():
                 # The common miss, kept short.
                 counts[_arena.SLOT_MISSES] = (counts[_arena.SLOT_MISSES] + 1) & U64_MASK
                 return None
@@ -748,8 +663,8 @@ class Engine:
         """A miss with coalescing: compute (None), or wait for the computing caller."""
         coalescer = self._coalescer
         assert coalescer is not None
-        if self._counts_pid != _getpid():
-            self._counts_view()  # a fork made from C: become this process's own owner
+        if self._counters.pid != _getpid():
+            self._counters.slot_view()  # a fork made from C: become this process's own owner
         caller = caller_key()
         if coalescer.holds(caller, digest):
             return self._settle(None, False, decode)  # our own lease: a retry, or generate([p, p])
@@ -793,8 +708,8 @@ class Engine:
         """:meth:`_coalesced_miss` for coroutines (waits with ``asyncio.sleep``)."""
         coalescer = self._coalescer
         assert coalescer is not None
-        if self._counts_pid != _getpid():
-            self._counts_view()
+        if self._counters.pid != _getpid():
+            self._counters.slot_view()
         caller = caller_key()
         if coalescer.holds(caller, digest):
             return self._settle(None, False, decode)
@@ -834,341 +749,6 @@ class Engine:
             if value is not None:
                 return self._settle(value, True, decode)
 
-    # -- remote tier ----------------------------------------------------------------
-    #
-    # A local miss that reaches Redis runs as a *flow*: a generator that yields its
-    # blocking steps (remote calls, locked sections, pauses) to a driver, _drive for
-    # lookup and _adrive for alookup, so sync and async share one logic and the
-    # async one never blocks the loop (remote calls run in the tier's worker threads).
-    # No remote call is ever made holding the writer lock.
-
-    def _remote_flow(
-        self, arena: Arena, digest: bytes, llm_hash: int, caller: CallerKey | None,
-        decode: Decode,
-    ) -> _Flow:
-        """A local miss through the remote tier.
-
-        Args:
-            caller: This host's computing caller of the key (it holds the local lease):
-                it also coordinates with the other hosts through the Redis lease.  None
-                for a plain read (coalesce=False, or the miss went uncoalesced).
-
-        Returns (as the generator's value):
-            The generations found in Redis (also stored in the segment), or None: the
-            caller computes the value (or the cache was closed meanwhile).
-        """
-        remote = self._remote
-        assert remote is not None
-        remote.ensure_started()
-        words = self._arena_words
-        clears = int(words[_remote.W_LOCAL_CLEARS])
-        if caller is None:
-            fetched = yield _Call(remote.fetch, (digest, llm_hash))
-            found = yield from self._from_remote(
-                arena, fetched, digest, llm_hash, None, clears, decode
-            )
-            return self._remote_miss(fetched) if found is None else self._remote_hit(found, False)
-        # This host's computing caller: the value, else the lease of every host.
-        token = self._lease_token()
-        timeout_s = self._coalesce_timeout
-        waited = False
-        waiting_for: str | None = None
-        patience = 0.0
-        delay = _remote.LEASE_POLL_FIRST_S
-        next_liveness = 0.0
-        # Redis answered: (value or None, holder or None); FAILED: it did not.
-        answer = yield _Call(remote.fetch_or_lease, (digest, llm_hash, token, timeout_s))
-        while True:
-            if not isinstance(answer, tuple):
-                return self._remote_miss(answer)  # Redis failed: compute (uncoordinated)
-            value, holder = answer
-            found = yield from self._from_remote(
-                arena, value, digest, llm_hash, caller, clears, decode
-            )
-            if found is not None:
-                return self._remote_hit(found, waited)
-            if holder is None:  # a value that failed its checks: the lease on its own
-                holder = yield _Call(remote.take_lease, (digest, token, timeout_s))
-            if holder is TAKEN:
-                self._remote_leases.setdefault(caller, {})[digest] = token
-                return self._remote_miss(None)
-            if not isinstance(holder, str):
-                return self._remote_miss(holder)
-            # Another caller computes it (another host's, or a process here).
-            now = time.monotonic()
-            if holder != waiting_for:  # a new computing caller: our patience starts again
-                waiting_for, patience = holder, now + timeout_s
-            elif now >= patience:
-                # Waited our own coalesce_timeout for it: take over (others follow us).
-                self._count(_arena.SLOT_COALESCE_TIMEOUTS)
-                yield _Call(remote.force_lease, (digest, token, timeout_s))
-                self._remote_leases.setdefault(caller, {})[digest] = token
-                return self._remote_miss(None)
-            if now >= next_liveness:
-                next_liveness = now + _remote.LEASE_LIVENESS_EVERY_S
-                if self._holder_dead(holder):  # a dead process of this host: take it now
-                    yield _Call(remote.release, ([(digest, holder)],))
-                    answer = yield _Call(
-                        remote.fetch_or_lease, (digest, llm_hash, token, timeout_s)
-                    )
-                    continue
-            waited = True
-            yield _Sleep(delay)
-            delay = min(delay * 2, _remote.LEASE_POLL_MAX_S)
-            if self._mapped is None:
-                return None  # closed by another thread while we waited
-            clears = int(words[_remote.W_LOCAL_CLEARS])
-            polled = yield _Call(remote.poll, (digest, llm_hash))
-            if not isinstance(polled, tuple):
-                return self._remote_miss(polled)
-            value, current = polled
-            if isinstance(value, Fetched):
-                answer = (value, None)
-            elif current is not None:
-                answer = (None, current)
-            else:  # it ended without a value: take it, or follow whoever did
-                answer = yield _Call(remote.fetch_or_lease, (digest, llm_hash, token, timeout_s))
-
-    def _from_remote(
-        self, arena: Arena, fetched: object, digest: bytes, llm_hash: int,
-        caller: CallerKey | None, clears: int, decode: Decode,
-    ) -> Generator[_Step, Any, Any]:
-        """Decode a remote value (hostile-input checks) and store it in the segment."""
-        if not isinstance(fetched, Fetched):
-            return None
-        remote = self._remote
-        assert remote is not None
-        try:
-            decoded = decode(fetched.payload)
-        except CodecVersionError:
-            return None  # another release's layout (rolling upgrade): a plain miss
-        except CodecError as exc:
-            remote.warn_undecodable(digest, llm_hash, str(exc))
-            return None
-        remote.count_hit()
-        fits = arena.record_bytes(len(fetched.payload)) <= arena.max_record_bytes
-        prepared = Prepared(digest, llm_hash, fetched.payload, fetched.expires) if fits else None
-        yield _Locked(self._fill_locked, (arena, digest, prepared, caller, clears))
-        return decoded
-
-    def _fill_locked(
-        self,
-        arena: Arena,
-        digest: bytes,
-        prepared: Prepared | None,
-        caller: CallerKey | None,
-        clears: int,
-    ) -> None:
-        """*Locked.* Store a remote value in the segment (with Redis' remaining TTL).
-
-        Skipped when the segment was cleared since Redis was asked: the value may
-        predate the clear.  The caller's local lease of the key ends (only that one:
-        ``generate([p1, p2])`` may still compute p1).
-        """
-        if prepared is not None and self._arena_words[_remote.W_LOCAL_CLEARS] == clears:
-            self._store_locked(arena, (prepared,), None)
-        else:
-            self._flush_remote_locked()
-        coalescer = self._coalescer
-        if caller is not None and coalescer is not None:
-            held = coalescer._held.get(caller)
-            lease = None if held is None else held.pop(digest, None)
-            if lease is not None:
-                coalescer._table.release(lease.entry, lease.tag, lease.owner, lease.token)
-            if held is not None and not held:
-                coalescer._held.pop(caller, None)
-
-    def _remote_hit(self, decoded: Any, waited: bool) -> Any:
-        self._count(_arena.SLOT_HITS)
-        if waited:
-            self._count(_arena.SLOT_COALESCED)
-        return decoded
-
-    def _remote_miss(self, outcome: object) -> None:
-        """Count a lookup that Redis did not serve (its errors are counted already)."""
-        remote = self._remote
-        if remote is not None and outcome is not FAILED:
-            remote.count_miss()
-            self._remote_flush()
-        self._count(_arena.SLOT_MISSES)
-        if self._counts is None:
-            self._maybe_flush(self._arena)
-        return None
-
-    def _drive(self, flow: _Flow) -> Any:
-        """Run a remote flow for a sync caller."""
-        result: Any = None
-        while True:
-            try:
-                step = flow.send(result)
-            except StopIteration as stop:
-                return stop.value
-            if type(step) is _Call:
-                result = step.fn(*step.args)
-            elif type(step) is _Locked:
-                result = self._run_locked(step.fn, *step.args)
-            else:
-                assert type(step) is _Sleep
-                time.sleep(step.seconds)
-                result = None
-
-    async def _adrive(self, flow: _Flow) -> Any:
-        """Run a remote flow in a coroutine: remote calls in worker threads, pauses
-        with ``asyncio.sleep``."""
-        remote = self._remote
-        assert remote is not None
-        result: Any = None
-        while True:
-            try:
-                step = flow.send(result)
-            except StopIteration as stop:
-                return stop.value
-            if type(step) is _Call:
-                result = await remote.run(step.fn, *step.args)
-            elif type(step) is _Locked:
-                result = await self._arun_locked(step.fn, *step.args)
-            else:
-                assert type(step) is _Sleep
-                await asyncio.sleep(step.seconds)
-                result = None
-
-    def _lease_token(self) -> str:
-        remote = self._remote
-        assert remote is not None
-        counts = self._counts
-        generation = 0 if counts is None else int(counts[_arena.SLOT_GENERATION])
-        return _remote.lease_token(remote.host_id, self._resources.slot, generation)
-
-    def _holder_dead(self, token: str) -> bool:
-        """Is the Redis lease holder a process of this host that is provably dead?"""
-        parsed = _remote.parse_token(token)
-        remote = self._remote
-        coalescer = self._coalescer
-        if parsed is None or remote is None or coalescer is None or parsed[0] != remote.host_id:
-            return False  # another host's: its lease lapses with its PX
-        _, slot, generation = parsed
-        return not coalescer._owner_alive(Lease(0, 0, owner_word(slot, generation), 0, 0))
-
-    def _remote_put_args(
-        self, items: Sequence[Prepared]
-    ) -> tuple[list[tuple[Any, ...]], list[tuple[bytes, str]]]:
-        """What a write sends to Redis, and the caller's other Redis leases to end."""
-        held = self._remote_leases.pop(caller_key(), None) or {}
-        puts = []
-        for digest, tag, payload, expires in items:
-            token = held.pop(digest, None)
-            puts.append((digest, tag, payload, expires, self._ttl, token))
-        return puts, list(held.items())
-
-    def _end_remote_leases(self, caller: CallerKey, in_loop: bool | None = None) -> None:
-        """End a caller's Redis leases; from an event loop, in a worker thread."""
-        remote = self._remote
-        held = self._remote_leases.pop(caller, None)
-        if remote is None or not held:
-            return
-        items = list(held.items())
-        if in_loop is None:
-            try:
-                asyncio.get_running_loop()
-                in_loop = True
-            except RuntimeError:
-                in_loop = False
-        if in_loop:
-            with contextlib.suppress(RuntimeError):  # shut down by close() meanwhile
-                remote._executor_now().submit(remote.release, items)
-        else:
-            remote.release(items)
-
-    def _watch_remote_task(self, caller: CallerKey) -> None:
-        """A task that ends (cancelled, failed) without updating frees its Redis leases."""
-        task = asyncio.current_task()
-        if task is None or caller[1] in self._remote_watched:
-            return
-        self._remote_watched.add(caller[1])
-
-        def done(_: object) -> None:
-            self._remote_watched.discard(caller[1])
-            if not self.closed:
-                self._end_remote_leases(caller, in_loop=True)
-
-        task.add_done_callback(done)
-
-    def _remote_pending(self) -> bool:
-        remote = self._remote
-        return remote is not None and any(remote.pending_counts())
-
-    def _flush_remote_locked(self) -> None:
-        """*Locked.* Add this instance's pending remote counts to the header words.
-
-        Remote events are counted under the writer lock, not in the owner slot (its
-        eight words are all taken and the header has no room for a second per-slot
-        table): each one already costs a network round trip (~50 µs), so the lock
-        (~2 µs) is cheap, and it is tried at once after each event without waiting
-        (_remote_flush), so the counts stay exact even for a process killed later.
-        """
-        remote = self._remote
-        if remote is None:
-            return
-        words = self._arena_words
-        for word, delta in zip(_remote.REMOTE_WORDS, remote.take_counts()):  # noqa: B905
-            if delta:
-                words[word] = (words[word] + delta) & U64_MASK
-
-    # What the tier's poller thread calls (the RemoteHost protocol).
-
-    def _remote_flush(self) -> None:
-        if self._mapped is not None and self._remote_pending():
-            self._run_locked(self._flush_remote_locked, timeout_s=0.0)
-
-    def _remote_state(self) -> tuple[int, int]:
-        words = self._arena_words
-        return int(words[_remote.W_CLEAR_EPOCH]), int(words[_remote.W_CLEAR_SEQ])
-
-    def _remote_poll_due(self, interval_ns: int) -> bool:
-        words = self._arena_words
-        now = time.monotonic_ns()
-        due = int(words[_remote.W_NEXT_POLL_NS])
-        if now < due <= now + 2 * interval_ns:
-            return False  # another process of this host polls this turn
-        words[_remote.W_NEXT_POLL_NS] = now + interval_ns
-        return True
-
-    def _remote_apply(self, plan: _remote.ClearPlan) -> None:
-        if self._mapped is not None:
-            self._run_locked(self._apply_clears_locked, self._arena, plan)
-
-    def _apply_clears_locked(self, arena: Arena, plan: _remote.ClearPlan) -> None:
-        """*Locked.* Apply the clears of other hosts, once for this host."""
-        words = self._arena_words
-        if self._remote_state() != plan.expected:
-            return  # another process of the host got here first: it applied them
-        arena.begin()
-        if plan.full:
-            arena.clear()
-        else:
-            for llm_hash in sorted(plan.llm_hashes):
-                arena.clear_llm_string(llm_hash)
-        if plan.clears_anything:
-            words[_remote.W_LOCAL_CLEARS] = (words[_remote.W_LOCAL_CLEARS] + 1) & U64_MASK
-            logger.debug("shmcache %r: applied clears up to %d of the remote tier",
-                         self._name, plan.seq)
-        words[_remote.W_CLEAR_EPOCH] = plan.epoch
-        words[_remote.W_CLEAR_SEQ] = plan.seq
-        arena.end()
-
-    def _remote_own_clear(self, event: _remote.ClearEvent) -> None:
-        if self._mapped is not None:
-            self._run_locked(self._note_clear_locked, event)
-
-    def _note_clear_locked(self, event: _remote.ClearEvent) -> None:
-        """*Locked.* This process made (and applied here) the clear ``event``: the
-        host's poller need not apply it again, if nothing before it is missing."""
-        epoch, seq = self._remote_state()
-        if (epoch == event.epoch and seq == event.seq - 1) or event.seq == 1:
-            words = self._arena_words
-            words[_remote.W_CLEAR_EPOCH] = event.epoch
-            words[_remote.W_CLEAR_SEQ] = event.seq
-
     def release_leases(self) -> None:
         """End the calling thread's/task's leases (what ``on_llm_error`` does).
 
@@ -1197,8 +777,8 @@ class Engine:
         coalescer = self._coalescer
         if coalescer is None:
             return None
-        if self._counts_pid != _getpid():
-            self._counts_view()
+        if self._counters.pid != _getpid():
+            self._counters.slot_view()
         caller = caller_key()
         return caller if coalescer.has_leases(caller) else None
 
@@ -1253,7 +833,7 @@ class Engine:
         arena = self._open_arena()
         done, removed = self._run_locked(self._delete_locked, arena, digests)
         if not done:
-            raise self._timeout_error("delete from")
+            raise self.timeout_error("delete from")
         return removed or 0
 
     async def adelete(self, digests: Sequence[bytes]) -> int:
@@ -1261,7 +841,7 @@ class Engine:
         arena = self._open_arena()
         done, removed = await self._arun_locked(self._delete_locked, arena, digests)
         if not done:
-            raise self._timeout_error("delete from")
+            raise self.timeout_error("delete from")
         return removed or 0
 
     def clear(self, tag: int | None = None) -> None:
@@ -1281,7 +861,7 @@ class Engine:
         if self._remote is not None:
             event = self._remote.clear(tag)
         if not self._run_locked(self._clear_locked, arena, tag, event)[0]:
-            raise self._timeout_error("clear")
+            raise self.timeout_error("clear")
 
     async def aclear(self, tag: int | None = None) -> None:
         """Async :meth:`clear`; waits for the lock without blocking the event loop."""
@@ -1295,7 +875,7 @@ class Engine:
             elif result is FAILED:  # not even tried (breaker open): keep it for later
                 remote.defer_clear(tag)
         if not (await self._arun_locked(self._clear_locked, arena, tag, event))[0]:
-            raise self._timeout_error("clear")
+            raise self.timeout_error("clear")
 
     def scan(self) -> Iterator[tuple[int, bytes]]:
         """``(tag, payload)`` of every live entry, read under the lock in short steps.
@@ -1310,7 +890,7 @@ class Engine:
         for start in range(0, arena.n_buckets, step):
             done, found = self._run_locked(arena.scan, start, start + step, time.time())
             if not done:
-                raise self._timeout_error("read")
+                raise self.timeout_error("read")
             yield from found or ()
 
     # -- statistics and lifetime ------------------------------------------------------
@@ -1325,9 +905,7 @@ class Engine:
         counts = self._open_arena().counts()
         # What this instance has not published yet (only without an owner slot, or
         # remote events waiting for the lock).
-        counts["hits"] += self._hits
-        counts["misses"] += self._misses
-        counts["skipped"] += self._skipped
+        self._counters.add_pending(counts)
         if self._remote is not None:
             for name, extra in zip(
                 ("remote_hits", "remote_misses", "remote_errors"),
@@ -1365,11 +943,11 @@ class Engine:
         for step in plan:
             done, found = self._run_locked(step)
             if not done:
-                raise self._timeout_error("check")
+                raise self.timeout_error("check")
             problems.extend(found or ())
         done, found = self._run_locked(LeaseTable(self._arena_words).problems)
         if not done:
-            raise self._timeout_error("check")
+            raise self.timeout_error("check")
         problems.extend(found or ())
         return problems
 
@@ -1383,8 +961,8 @@ class Engine:
             True if they were published, False if the lock was not had in time.
         """
         arena = self._open_arena()
-        if self._counts is not None and not (
-            self._hits or self._misses or self._skipped or self._remote_pending()
+        if self._counters.view is not None and not (
+            self._counters.pending or self._remote_pending()
         ):
             return True
         return self._run_locked(self._flush_repaired, arena)[0]
@@ -1407,16 +985,15 @@ class Engine:
                     self._end_remote_leases(caller, in_loop=False)
                 remote.close()
             if (
-                self._hits or self._misses or self._skipped or self._holds_leases()
+                self._counters.pending or self._holds_leases()
                 or self._remote_pending()
             ):
                 self._run_locked(self._detach_locked, self._arena)
         finally:
             self._mapped = None
             _OPEN_ENGINES.discard(self)
-            if self._counts is not None:
-                self._counts.release()  # the mapping cannot close while viewed
-                self._counts = None
+            self._counters.active = False
+            self._counters.release()  # the mapping cannot close while viewed
             self._arena.release()
             self._finalizer.detach()
             self._resources.release()  # the slot (its counts stay), lock fds, fd
@@ -1429,7 +1006,7 @@ class Engine:
 
     def _detach_locked(self, arena: Arena) -> None:
         self._flush_repaired(arena)
-        if self._coalescer is not None and self._counts_pid == _getpid():
+        if self._coalescer is not None and self._counters.pid == _getpid():
             self._coalescer.release_all_locked()  # waiters go on at once
 
     def unlink(self) -> None:
@@ -1463,7 +1040,7 @@ class Engine:
 def _after_fork_in_child() -> None:
     # The parent's slot and pending counts are the parent's, not the child's.
     for cache in list(_OPEN_ENGINES):
-        cache._reset_local_counts()
+        cache._counters.reset()
         cache._resources.slot = -1
         if cache._coalescer is not None:
             cache._coalescer.forget_all()

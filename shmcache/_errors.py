@@ -20,6 +20,7 @@ __all__ = [
     "SegmentReplacedError",
     "SegmentSpaceError",
     "ShmCacheError",
+    "ValueTooLargeError",
 ]
 
 
@@ -40,6 +41,10 @@ class CacheClosedError(ShmCacheError, ValueError):
 
 class LockTimeoutError(ShmCacheError, TimeoutError):
     """Another process held the segment lock for longer than ``lock_timeout``."""
+
+
+class ValueTooLargeError(ShmCacheError, ValueError):
+    """A value is larger than the largest entry the segment takes."""
 
 
 class SegmentPermissionError(ShmCacheError, PermissionError):

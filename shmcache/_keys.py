@@ -11,7 +11,15 @@ import hashlib
 import struct
 from typing import Any, Final
 
-__all__ = ["DIGEST_BYTES", "key_digest", "llm_string_hash", "split_digest"]
+__all__ = [
+    "DIGEST_BYTES",
+    "key_digest",
+    "llm_string_hash",
+    "namespace_hash",
+    "node_key_digest",
+    "split_digest",
+    "store_key_digest",
+]
 
 DIGEST_BYTES: Final = 32
 _TWO_U64: Final = struct.Struct("<QQ")
@@ -52,6 +60,33 @@ def key_digest(prompt: str, llm_string: str) -> bytes:
 def llm_string_hash(llm_string: str) -> int:
     """Return a 64-bit hash of ``llm_string``, used by ``clear(llm_string=...)``."""
     return int.from_bytes(hashlib.sha256(b"llm\x00" + _utf8(llm_string)).digest()[:8], "little")
+
+
+def store_key_digest(key: str) -> bytes:
+    """Return the digest of a byte store's ``key`` (its own domain: no LLM key matches)."""
+    return hashlib.sha256(b"bytes\x00" + _utf8(key)).digest()
+
+
+def _framed(domain: bytes, parts: tuple[str, ...]) -> bytes:
+    # The part count and each part's byte length go in front of it, so no two
+    # different tuples share bytes: ("a", "b:c") vs ("a:b", "c"), ("a|b",) vs ("a", "b").
+    chunks = [domain, len(parts).to_bytes(8, "little")]
+    for part in parts:
+        data = _utf8(part)
+        chunks.append(len(data).to_bytes(8, "little"))
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+def node_key_digest(namespace: tuple[str, ...], key: str) -> bytes:
+    """Return the digest of a LangGraph node cache key ``(namespace, key)``."""
+    return hashlib.sha256(_framed(b"nodes\x00", (*namespace, key))).digest()
+
+
+def namespace_hash(namespace: tuple[str, ...]) -> int:
+    """Return a 64-bit hash of a node cache namespace, used by ``clear(namespaces)``."""
+    digest = hashlib.sha256(_framed(b"namespace\x00", namespace)).digest()
+    return int.from_bytes(digest[:8], "little")
 
 
 def split_digest(digest: bytes) -> tuple[int, int]:

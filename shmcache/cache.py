@@ -28,8 +28,8 @@ from ._engine import (
     DEFAULT_SIZE_BYTES,
     MIN_SIZE_BYTES,
     Engine,
-    Prepared,
 )
+from ._entries import Prepared
 from ._errors import ShmCacheError
 from ._keys import key_digest, llm_string_hash
 from ._segment import check_name, resolve_directory, segment_path
@@ -446,9 +446,9 @@ def _reopen(
             resolve_directory(directory, create=False), check_name(name),
             _arena.FORMAT_VERSION, _KIND,
         )
-        ttl_s = None if ttl is None else float(ttl)
-        key = (path, ttl_s, float(lock_timeout), coalesce, float(coalesce_timeout), remote,
-               float(remote_timeout))
+        key = Engine.settings_key_for(
+            path, ttl, lock_timeout, coalesce, coalesce_timeout, remote, remote_timeout
+        )
         existing = _BY_SETTINGS.get(key)
         if existing is not None and not existing.closed:
             return existing

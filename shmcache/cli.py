@@ -1,7 +1,9 @@
 """The ``shmcache`` command: list, inspect, clear, remove and check segments.
 
 The CLI only attaches to existing segments (it never creates one) and its reads
-count in no statistics.
+count in no statistics.  Every command but ``ls`` acts on one segment kind,
+``--kind`` (default ``llm``: a ``SharedMemoryCache``; ``bytes``: a
+``SharedMemoryByteStore``; ``nodes``: a LangGraph node cache); ``ls`` lists them all.
 
 ``ls`` and ``stats`` map the segment read-only and take no lock: they answer at
 once even while a writer holds the lock (or is stopped holding it), and they cannot
@@ -23,11 +25,12 @@ import math
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
-from typing import Final
+from collections.abc import Sequence
+from typing import Final, Protocol
 
-from . import __version__, _arena
-from ._arena import FORMAT_VERSION, Arena
+from . import __version__
+from ._arena import FORMAT_VERSION
+from ._engine import Engine
 from ._errors import (
     InvalidArgumentError,
     LockTimeoutError,
@@ -36,10 +39,11 @@ from ._errors import (
     SegmentPermissionError,
     ShmCacheError,
 )
+from ._metrics import read_stats, render
 from ._segment import (
-    SEGMENT_SUFFIX,
+    SEGMENT_KINDS,
     check_name,
-    open_read_only,
+    parse_segment_filename,
     resolve_directory,
     segment_path,
 )
@@ -56,73 +60,90 @@ EXIT_BUSY: Final = 3
 DEFAULT_LOCK_TIMEOUT_S: Final = 3.0
 _MAX_LOCK_TIMEOUT_S: Final = 3600.0
 
-_SUFFIX: Final = re.escape(SEGMENT_SUFFIX)
-_SEGMENT_RE: Final = re.compile(rf"(?P<name>.+)\.v(?P<version>\d+){_SUFFIX}")
-# Files the package keeps beside a segment: the creation lock, the owner-slot file.
-_COMPANION_RE: Final = re.compile(rf"\..+\.v\d+{_SUFFIX}\.(?:lock|owners)")
+# The kinds in the order they are listed: the LLM cache first.
+_KINDS: Final = tuple(sorted(SEGMENT_KINDS, key=lambda kind: (kind != "llm", kind)))
+DEFAULT_KIND: Final = "llm"
+# Files the package keeps beside a segment SEG: .SEG.lock (creation), .SEG.owners.
+_COMPANION_RE: Final = re.compile(r"\.(?P<segment>.+)\.(?:lock|owners)")
 _COMPANION_SUFFIXES: Final = (".lock", ".owners")
-# A segment being created aside: .NAME.vN.shm.tmp-PID.RANDOM
-_TEMP_RE: Final = re.compile(rf"\.(?P<segment>.+\.v\d+{_SUFFIX})\.tmp-(?P<pid>\d+)(?:\..*)?")
+# A segment being created aside: .SEG.tmp-PID.RANDOM
+_TEMP_RE: Final = re.compile(r"\.(?P<segment>.+)\.tmp-(?P<pid>\d+)(?:\..*)?")
 
 
-def _where(directory: str | None) -> str:
-    return f" --directory {directory}" if directory else ""
+def _where(directory: str | None, kind: str = DEFAULT_KIND) -> str:
+    """The options that name a segment's kind and directory, for advice printed."""
+    kind_part = "" if kind == DEFAULT_KIND else f" --kind {kind}"
+    return kind_part + (f" --directory {directory}" if directory else "")
 
 
-def _segment_file(name: str, directory: str | None) -> str:
+def _segment_file(name: str, directory: str | None, kind: str = DEFAULT_KIND) -> str:
     check_name(name)
-    return segment_path(resolve_directory(directory, create=False), name, FORMAT_VERSION)
+    return segment_path(resolve_directory(directory, create=False), name, FORMAT_VERSION, kind)
 
 
-def _no_such_cache(name: str, path: str) -> SegmentNotFoundError:
+def _no_such_cache(name: str, path: str, kind: str = DEFAULT_KIND) -> SegmentNotFoundError:
+    of_kind = "" if kind == DEFAULT_KIND else f" of kind {kind}"
     return SegmentNotFoundError(
-        errno.ENOENT, f"no cache named {name!r} at {path} (`shmcache ls` lists the caches)"
+        errno.ENOENT,
+        f"no cache named {name!r}{of_kind} at {path} (`shmcache ls` lists the caches)",
     )
 
 
 # -- read-only access (ls, stats): no lock, no owner slot, no writes ---------------
 
 
-@contextlib.contextmanager
-def _read_only(name: str, path: str, directory: str | None) -> Iterator[Arena]:
-    """Map the segment at ``path`` read-only and yield its arena."""
+def _read_stats(name: str, path: str, directory: str | None, kind: str) -> CacheStats:
+    """The counters of the segment at ``path``, mapped read-only (see
+    :func:`shmcache._metrics.read_stats`): summed as ``stats()`` sums them, less an
+    instance's own pending counts (the CLI has none)."""
     try:
-        mapped = open_read_only(path, _arena.HEADER_BYTES)
+        return read_stats(path, f"remove it with `shmcache rm {name}{_where(directory, kind)}`")
     except FileNotFoundError:
-        raise _no_such_cache(name, path) from None
-    try:
-        hint = f"remove it with `shmcache rm {name}{_where(directory)}`"
-        arena = Arena(mapped.mapping, _arena.read_geometry(mapped.mapping, path, hint))
-        try:
-            yield arena
-        finally:
-            arena.release()
-    finally:
-        mapped.close()
-
-
-# What Arena.process_totals() sums, in its order (the owner-slot counters).
-
-
-def _read_stats(arena: Arena) -> CacheStats:
-    """The segment's counters, summed as :meth:`SharedMemoryCache.stats` sums them
-    (less that instance's own pending counts: the CLI has none)."""
-    return CacheStats(**arena.counts())
+        raise _no_such_cache(name, path, kind) from None
 
 
 # -- locked access (check, clear) ----------------------------------------------------
 
 
-def _attach(name: str, directory: str | None, lock_timeout: float) -> SharedMemoryCache:
-    """Open an existing segment as a cache, without creating one."""
-    path = _segment_file(name, directory)
+class _Attached(Protocol):
+    """What check and clear need of an attached segment, whatever its kind."""
+
+    @property
+    def path(self) -> str: ...
+
+    def lock_holder(self) -> int | None: ...
+
+    def check(self) -> list[str]: ...
+
+    def clear(self) -> None: ...
+
+    def stats(self) -> CacheStats: ...
+
+    def close(self) -> None: ...
+
+
+def _attach(
+    name: str, directory: str | None, lock_timeout: float, kind: str = DEFAULT_KIND
+) -> _Attached:
+    """Open an existing segment of ``kind`` for check and clear, without creating one.
+
+    An LLM cache is opened as a :class:`SharedMemoryCache`; the other kinds through
+    the engine every front-end shares (the same arena, lock and repair), with no
+    front-end of their own: the CLI needs none to verify or empty a segment.
+    """
+    path = _segment_file(name, directory, kind)
     try:
         size = os.stat(path, follow_symlinks=False).st_size
     except FileNotFoundError:
-        raise _no_such_cache(name, path) from None
-    return SharedMemoryCache(
-        name, size_bytes=max(size, MIN_SIZE_BYTES), directory=directory,
-        lock_timeout=lock_timeout,
+        raise _no_such_cache(name, path, kind) from None
+    if kind == DEFAULT_KIND:
+        return SharedMemoryCache(
+            name, size_bytes=max(size, MIN_SIZE_BYTES), directory=directory,
+            lock_timeout=lock_timeout,
+        )
+    return Engine(
+        name, kind=kind, owner="shmcache CLI", size_bytes=max(size, MIN_SIZE_BYTES),
+        directory=directory, lock_timeout=lock_timeout,
     )
 
 
@@ -149,7 +170,7 @@ def _flock_holder(path: str) -> int | None:
     return None
 
 
-def _lock_holder(cache: SharedMemoryCache) -> int | None:
+def _lock_holder(cache: _Attached) -> int | None:
     """The pid that holds the cache's writer lock, if it can be known."""
     getter = getattr(cache, "lock_holder", None)  # recorded in the segment header
     if callable(getter):
@@ -214,7 +235,7 @@ def _holder_advice(pid: int | None, path: str, lock_timeout: float) -> str:
     )
 
 
-def _busy(action: str, name: str, cache: SharedMemoryCache, lock_timeout: float) -> int:
+def _busy(action: str, name: str, cache: _Attached, lock_timeout: float) -> int:
     holder = _lock_holder(cache)
     print(
         f"shmcache: could not {action} {name!r}: its lock was not free within "
@@ -263,23 +284,24 @@ def _temp_note(pid: int) -> str:
     return f"temp file of a segment being created by pid {pid}"
 
 
-def _classify(entry: str, directory: str) -> tuple[str, int] | str | None:
+def _classify(entry: str, directory: str) -> tuple[str, int, str] | str | None:
     """Sort one directory entry out.
 
     Returns:
-        ``(name, version)`` for a segment of a valid cache name, None for a file the
-        package keeps beside a segment (not worth a mention), else a note saying what
-        the entry is.
+        ``(name, version, kind)`` for a segment of a valid cache name, None for a
+        file the package keeps beside a segment (not worth a mention), else a note
+        saying what the entry is.
     """
-    if _COMPANION_RE.fullmatch(entry):
+    companion = _COMPANION_RE.fullmatch(entry)
+    if companion and parse_segment_filename(companion["segment"]):
         return None
     temp = _TEMP_RE.fullmatch(entry)
-    if temp:
+    if temp and parse_segment_filename(temp["segment"]):
         return _temp_note(int(temp["pid"]))
-    match = _SEGMENT_RE.fullmatch(entry)
-    if match:
-        if _valid_name(match["name"]):
-            return match["name"], int(match["version"])
+    parsed = parse_segment_filename(entry)
+    if parsed:
+        if _valid_name(parsed[0]):
+            return parsed
         return (
             "not a valid cache name (1-64 characters of [A-Za-z0-9._-], not starting "
             "with '.'), so no cache uses it; rename or remove it"
@@ -289,19 +311,21 @@ def _classify(entry: str, directory: str) -> tuple[str, int] | str | None:
     return "not a shmcache file"
 
 
-def _cache_row(name: str, version: int, args: argparse.Namespace, directory: str) -> list[str]:
+def _cache_row(
+    name: str, version: int, kind: str, args: argparse.Namespace, directory: str
+) -> list[str]:
+    first = [name, kind, f"v{version}"]
     if version != FORMAT_VERSION:
         note = f"other shmcache release (format {version}; this one uses {FORMAT_VERSION})"
-        return [name, f"v{version}", "-", "-", "-", note]
-    path = segment_path(directory, name, version)
+        return [*first, "-", "-", "-", note]
+    path = segment_path(directory, name, version, kind)
     try:
-        with _read_only(name, path, args.directory) as arena:
-            s = _read_stats(arena)
+        s = _read_stats(name, path, args.directory, kind)
     except SegmentCorruptError as exc:
-        return [name, f"v{version}", "-", "-", "-", f"DAMAGED: {_message(exc)}"]
+        return [*first, "-", "-", "-", f"DAMAGED: {_message(exc)}"]
     except (OSError, ShmCacheError) as exc:
-        return [name, f"v{version}", "-", "-", "-", f"cannot read: {_message(exc)}"]
-    return [name, f"v{version}", _human(s.size_bytes), str(s.entries), _human(s.used_bytes),
+        return [*first, "-", "-", "-", f"cannot read: {_message(exc)}"]
+    return [*first, _human(s.size_bytes), str(s.entries), _human(s.used_bytes),
             f"{s.hits} hits / {s.misses} misses"]
 
 
@@ -315,18 +339,21 @@ def _cmd_ls(args: argparse.Namespace) -> int:
         raise SegmentPermissionError(
             exc.errno, f"cannot list {directory}: permission denied (uid {os.geteuid()})"
         ) from exc
-    rows: list[list[str]] = []
+    segments: list[tuple[str, int, str]] = []
     notes: list[tuple[str, str]] = []
     for entry in entries:
-        kind = _classify(entry, directory)
-        if kind is None:
+        found = _classify(entry, directory)
+        if found is None:
             continue
-        if isinstance(kind, str):
-            notes.append((_shown(entry), kind))
+        if isinstance(found, str):
+            notes.append((_shown(entry), found))
         else:
-            rows.append(_cache_row(kind[0], kind[1], args, directory))
+            segments.append(found)
+    # By name, then kind (the LLM cache first), then format version.
+    segments.sort(key=lambda seg: (seg[0], _KINDS.index(seg[2]), seg[1]))
+    rows = [_cache_row(name, version, kind, args, directory) for name, version, kind in segments]
     if rows:
-        header = ["NAME", "FORMAT", "SIZE", "ENTRIES", "USED", "NOTE"]
+        header = ["NAME", "KIND", "FORMAT", "SIZE", "ENTRIES", "USED", "NOTE"]
         widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header) - 1)]
         for row in (header, *rows):
             print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False))
@@ -342,25 +369,41 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    path = _segment_file(args.name, args.directory)
-    with _read_only(args.name, path, args.directory) as arena:
-        stats = _read_stats(arena)
-    if args.json:
-        print(json.dumps({"name": args.name, "path": path, **stats.as_dict()}))
+    path = _segment_file(args.name, args.directory, args.kind)
+    stats = _read_stats(args.name, path, args.directory, args.kind)
+    if args.prometheus:
+        sys.stdout.write(render([(args.name, args.kind, stats)]))
+    elif args.json:
+        print(json.dumps({"name": args.name, "kind": args.kind, "path": path,
+                          **stats.as_dict()}))
     else:
-        print(f"{args.name} ({path})")
+        shown_kind = "" if args.kind == DEFAULT_KIND else f" [{args.kind}]"
+        print(f"{args.name}{shown_kind} ({path})")
         for key, value in stats.as_dict().items():
             print(f"  {key:<11} {value}")
     return EXIT_OK
 
 
+def _clear(cache: _Attached, llm_string: str | None) -> None:
+    if llm_string is None:
+        cache.clear()
+    elif isinstance(cache, SharedMemoryCache):
+        cache.clear(llm_string=llm_string)
+    else:  # pragma: no cover - _cmd_clear refuses --llm-string for other kinds
+        raise InvalidArgumentError("--llm-string applies to LLM caches only")
+
+
 def _cmd_clear(args: argparse.Namespace) -> int:
-    with _attach(args.name, args.directory, args.lock_timeout) as cache:
+    if args.llm_string is not None and args.kind != DEFAULT_KIND:
+        raise InvalidArgumentError(
+            f"--llm-string applies to LLM caches only (--kind {DEFAULT_KIND}), not to "
+            f"--kind {args.kind}; leave it out to empty the whole segment"
+        )
+    with contextlib.closing(
+        _attach(args.name, args.directory, args.lock_timeout, args.kind)
+    ) as cache:
         try:
-            if args.llm_string is None:
-                cache.clear()
-            else:
-                cache.clear(llm_string=args.llm_string)
+            _clear(cache, args.llm_string)
         except LockTimeoutError:
             return _busy("clear", args.name, cache, args.lock_timeout)
     if args.llm_string is None:
@@ -371,9 +414,10 @@ def _cmd_clear(args: argparse.Namespace) -> int:
 
 
 def _cmd_rm(args: argparse.Namespace) -> int:
-    path = _segment_file(args.name, args.directory)
+    path = _segment_file(args.name, args.directory, args.kind)
     if not os.path.lexists(path):
-        print(f"shmcache: no cache named {args.name!r} at {path}", file=sys.stderr)
+        of_kind = "" if args.kind == DEFAULT_KIND else f" of kind {args.kind}"
+        print(f"shmcache: no cache named {args.name!r}{of_kind} at {path}", file=sys.stderr)
         return EXIT_USAGE
     os.unlink(path)
     directory, base = os.path.split(path)
@@ -386,11 +430,11 @@ def _cmd_rm(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     try:
-        cache = _attach(args.name, args.directory, args.lock_timeout)
+        cache = _attach(args.name, args.directory, args.lock_timeout, args.kind)
     except SegmentCorruptError as exc:
         print(f"DAMAGED: {exc}")
         return EXIT_DAMAGED
-    with cache:
+    with contextlib.closing(cache):
         try:
             problems = cache.check()
         except LockTimeoutError:
@@ -402,7 +446,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
             print(f"  - {problem}")
         if len(problems) > 50:
             print(f"  ... and {len(problems) - 50} more")
-        where = _where(args.directory)
+        where = _where(args.directory, args.kind)
         print(
             f"Fix: `shmcache clear {args.name}{where}` empties it; "
             f"`shmcache rm {args.name}{where}` removes it."
@@ -440,6 +484,11 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         if named:
             sub.add_argument("name", metavar="NAME", help="cache name")
+            sub.add_argument(
+                "--kind", choices=_KINDS, default=DEFAULT_KIND,
+                help="which front-end's segment: llm (SharedMemoryCache), bytes "
+                "(SharedMemoryByteStore), nodes (LangGraph node cache); default: llm",
+            )
         sub.add_argument(
             "--directory", metavar="DIR", default=None,
             help="segment directory (default: /dev/shm/shmcache-<uid>)",
@@ -453,10 +502,15 @@ def _parser() -> argparse.ArgumentParser:
             )
         return sub
 
-    command("ls", "list the caches in the directory (takes no lock)",
+    command("ls", "list the caches of every kind in the directory (takes no lock)",
             named=False).set_defaults(func=_cmd_ls)
     stats = command("stats", "print a cache's counters (takes no lock)")
-    stats.add_argument("--json", action="store_true", help="print one JSON object")
+    output = stats.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print one JSON object")
+    output.add_argument(
+        "--prometheus", action="store_true",
+        help="print the counters in Prometheus text exposition format (the host's totals)",
+    )
     stats.set_defaults(func=_cmd_stats)
     clear = command("clear", "empty a cache for every process", locked=True)
     clear.add_argument("--llm-string", metavar="S", default=None,

@@ -313,7 +313,7 @@ def test_bad_options_raise(
 ) -> None:
     with pytest.raises(error, match=match):
         SharedMemoryCache("opts", directory=cache_dir, **kwargs)  # type: ignore[arg-type]
-    assert not (cache_dir / "opts.v2.shm").exists()
+    assert not (cache_dir / f"opts.v{FORMAT_VERSION}.shm").exists()
 
 
 def test_segment_is_private_and_exactly_sized(cache: SharedMemoryCache, cache_dir: Path) -> None:
@@ -415,9 +415,9 @@ def test_a_closed_cache_does_not_pickle(cache_dir: Path) -> None:
 
 def test_odd_things_at_the_segment_path_are_shmcache_errors(cache_dir: Path) -> None:
     cache_dir.mkdir(mode=0o700)
-    (cache_dir / "isdir.v2.shm").mkdir()
+    (cache_dir / f"isdir.v{FORMAT_VERSION}.shm").mkdir()
     with pytest.raises(SegmentPermissionError, match="is a directory"):
         SharedMemoryCache("isdir", directory=cache_dir)
     with pytest.raises(SegmentSpaceError, match="larger than any file"):
         SharedMemoryCache("huge", directory=cache_dir, size_bytes=2**70)
-    assert sorted(p.name for p in cache_dir.iterdir()) == ["isdir.v2.shm"]
+    assert sorted(p.name for p in cache_dir.iterdir()) == [f"isdir.v{FORMAT_VERSION}.shm"]

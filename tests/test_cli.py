@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from _hardening_helpers import Children, kill_at_step, wait_exit, wait_stopped
 from _samples import CacheFactory, text_generations
+from prometheus_client.parser import text_string_to_metric_families
 
 import shmcache._arena
 from shmcache import SharedMemoryCache
 from shmcache._arena import FORMAT_VERSION
+from shmcache._engine import Engine, Prepared
+from shmcache._metrics import render
 from shmcache.cli import _flock_holder
 
 V: str = f"v{FORMAT_VERSION}"
@@ -52,8 +56,8 @@ def test_ls_lists_caches(filled: SharedMemoryCache, cache_dir: Path) -> None:
     result = run_cli("ls", "--directory", str(cache_dir))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split()[:3] == ["NAME", "FORMAT", "SIZE"]
-    assert any(line.split()[:4] == ["cli", V, "1.0", "MiB"] for line in lines)
+    assert lines[0].split()[:4] == ["NAME", "KIND", "FORMAT", "SIZE"]
+    assert any(line.split()[:5] == ["cli", "llm", V, "1.0", "MiB"] for line in lines)
     assert any(line.startswith("old") and "other shmcache release" in line for line in lines)
     assert (cache_dir / "old.v0.shm").read_bytes() == b"an older release's segment"
 
@@ -178,7 +182,7 @@ def test_ls_lists_the_caches_and_notes_the_other_files(
     assert result.returncode == 0, result.stderr
     out = result.stdout
     table, _, rest = out.partition("other files")
-    assert any(line.split()[:2] == ["cli", V] for line in table.splitlines()), out
+    assert any(line.split()[:3] == ["cli", "llm", V] for line in table.splitlines()), out
     assert "old" in table and "other shmcache release" in table
     assert f"bad name.{V}.shm" in rest and "not a valid cache name" in rest
     assert f".hidden.{V}.shm" in rest
@@ -279,7 +283,7 @@ def test_stats_and_ls_answer_at_once_behind_a_stopped_lock_holder(
     data = json.loads(stats.stdout)
     assert data["entries"] == before.entries and data["hits"] == before.hits
     assert listing.returncode == 0, listing.stderr
-    assert any(line.split()[:2] == ["cli", V] for line in listing.stdout.splitlines())
+    assert any(line.split()[:3] == ["cli", "llm", V] for line in listing.stdout.splitlines())
 
 
 @pytest.mark.parametrize("command", [["check"], ["clear"], ["clear", "--llm-string", "llm-a"]])
@@ -334,3 +338,201 @@ def test_flock_holder_is_found_in_proc_locks(tmp_path: Path) -> None:
     finally:
         os.close(read_fd)
         os.close(write_fd)
+
+
+# -- kinds: byte stores and node caches have their own segments ---------------------
+
+KIND_ENTRIES = 3
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+@pytest.fixture
+def kind_segment(cache_dir: Path) -> Iterator[Callable[..., Engine]]:
+    """Open segments of another kind through the engine every front-end uses, with
+    ``KIND_ENTRIES`` entries (``value-0`` ...) and ``hits`` hits; unlinked at teardown."""
+    opened: list[Engine] = []
+
+    def make(name: str, kind: str, hits: int = 0) -> Engine:
+        engine = Engine(name, kind=kind, owner="test", directory=cache_dir, size_bytes=1 << 20)
+        opened.append(engine)
+        items = [Prepared(_digest(f"k{i}"), 0, f"value-{i}".encode(), 0.0)
+                 for i in range(KIND_ENTRIES)]
+        assert engine.put(items)
+        for i in range(hits):
+            assert engine.get(_digest(f"k{i % KIND_ENTRIES}"), 0, bytes, bytes) is not None
+        engine.flush()
+        return engine
+
+    yield make
+    for engine in opened:
+        engine.close()
+        engine.unlink()
+
+
+def _rows(stdout: str) -> list[list[str]]:
+    """The table rows of ``ls`` (name, kind, format, ...), header left out."""
+    table = stdout.partition("\nother files")[0].splitlines()
+    return [line.split() for line in table[1:] if line.strip()]
+
+
+def test_ls_lists_every_kind(
+    filled: SharedMemoryCache, kind_segment: Callable[..., Engine], cache_dir: Path
+) -> None:
+    kind_segment("cli", "bytes", hits=2)
+    kind_segment("emb", "nodes")
+    (cache_dir / "old.v0.bytes.shm").write_bytes(b"an older release's byte store")
+    result = run_cli("ls", "--directory", str(cache_dir))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0].split()[:3] == ["NAME", "KIND", "FORMAT"]
+    rows = _rows(result.stdout)
+    # By name, then kind (the LLM cache first); each row its own segment's counts.
+    assert [row[:3] for row in rows] == [
+        ["cli", "llm", V], ["cli", "bytes", V], ["emb", "nodes", V], ["old", "bytes", "v0"],
+    ], result.stdout
+    # NAME KIND FORMAT SIZE(2) ENTRIES USED(2) NOTE: "H hits / M misses"
+    assert rows[0][3:6] == ["1.0", "MiB", "2"] and rows[0][8:] == ["1", "hits", "/", "0", "misses"]
+    assert rows[1][5] == str(KIND_ENTRIES) and rows[1][8:] == ["2", "hits", "/", "0", "misses"]
+    assert "other shmcache release" in " ".join(rows[3])
+    # The companion files of every kind are the package's own: not listed.
+    assert list(cache_dir.glob(".cli.*.bytes.shm.*")), "no companion file to leave out"
+    assert "other files" not in result.stdout and ".lock" not in result.stdout
+
+
+def test_stats_of_another_kind(
+    filled: SharedMemoryCache, kind_segment: Callable[..., Engine], cache_dir: Path
+) -> None:
+    store = kind_segment("cli", "bytes", hits=4)
+    where = ["--directory", str(cache_dir)]
+    result = run_cli("stats", "cli", "--kind", "bytes", *where, "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert (data["kind"], data["path"]) == ("bytes", store.path)
+    assert {key: data[key] for key in store.stats().as_dict()} == store.stats().as_dict()
+    assert (data["entries"], data["hits"], data["updates"]) == (KIND_ENTRIES, 4, KIND_ENTRIES)
+    # The default kind is still the LLM cache of that name.
+    llm = json.loads(run_cli("stats", "cli", *where, "--json").stdout)
+    assert (llm["kind"], llm["entries"], llm["path"]) == ("llm", 2, filled.path)
+    text = run_cli("stats", "cli", "--kind", "bytes", *where)
+    assert text.returncode == 0 and text.stdout.startswith(f"cli [bytes] ({store.path})")
+    missing = run_cli("stats", "cli", "--kind", "nodes", *where)
+    assert missing.returncode == 2 and missing.stdout == ""
+    assert "no cache named 'cli' of kind nodes" in missing.stderr
+    bad = run_cli("stats", "cli", "--kind", "tables", *where)
+    assert bad.returncode == 2 and "--kind" in bad.stderr
+
+
+def test_clear_check_and_rm_of_another_kind(
+    filled: SharedMemoryCache, kind_segment: Callable[..., Engine], cache_dir: Path
+) -> None:
+    store = kind_segment("cli", "bytes")
+    where = ["--directory", str(cache_dir)]
+    ok = run_cli("check", "cli", "--kind", "bytes", *where)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert ok.stdout == f"ok: {store.path}: {KIND_ENTRIES} entries, " \
+        f"{store.stats().used_bytes} bytes in use\n"
+
+    refused = run_cli("clear", "cli", "--kind", "bytes", "--llm-string", "x", *where)
+    assert refused.returncode == 2 and "LLM caches only" in refused.stderr
+    assert store.stats().entries == KIND_ENTRIES
+
+    cleared = run_cli("clear", "cli", "--kind", "bytes", *where)
+    assert cleared.returncode == 0, cleared.stderr
+    assert store.stats().entries == 0
+    assert store.get(_digest("k0"), 0, bytes, bytes) is None  # gone for this process too
+    assert filled.lookup("p2", "llm-b") == text_generations("two")  # the LLM cache: untouched
+
+    # Damage in a record of the byte store: check says so and names the fix.
+    assert store.put([Prepared(_digest("again"), 0, b"stored-again", 0.0)])
+    data = Path(store.path).read_bytes()
+    with open(store.path, "r+b") as handle:
+        handle.seek(data.index(b"stored-again"))
+        handle.write(b"STORED")
+    bad = run_cli("check", "cli", "--kind", "bytes", *where)
+    assert bad.returncode == 1 and "DAMAGED" in bad.stdout and "crc" in bad.stdout
+    assert f"shmcache clear cli --kind bytes --directory {cache_dir}" in bad.stdout
+    # A damaged header: check and ls name the command that removes that segment.
+    with open(store.path, "r+b") as handle:
+        handle.write(b"NOTACACHE")
+    header = run_cli("check", "cli", "--kind", "bytes", *where)
+    assert header.returncode == 1 and "DAMAGED" in header.stdout
+    assert "shmcache rm cli --kind bytes" in header.stdout
+    listing = run_cli("ls", *where)
+    damaged = [row for row in _rows(listing.stdout) if row[:2] == ["cli", "bytes"]]
+    assert "DAMAGED:" in damaged[0] and "--kind" in damaged[0], listing.stdout
+
+    removed = run_cli("rm", "cli", "--kind", "bytes", *where)
+    assert removed.returncode == 0, removed.stderr
+    assert not Path(store.path).exists()
+    assert list(cache_dir.glob(".cli.*.bytes.shm.*")) == []  # its lock and owner files
+    assert Path(filled.path).exists()  # the LLM cache of that name stays
+    again = run_cli("rm", "cli", "--kind", "bytes", *where)
+    assert again.returncode == 2 and "no cache named 'cli' of kind bytes" in again.stderr
+
+
+@pytest.mark.parametrize("command", ["check", "clear"])
+def test_another_kind_behind_a_stopped_lock_holder(
+    kind_segment: Callable[..., Engine], cache_dir: Path, command: str
+) -> None:
+    kind_segment("held", "nodes")
+
+    def hold() -> int:
+        engine = Engine("held", kind="nodes", owner="test", directory=cache_dir)
+        shmcache._arena.step_hook = kill_at_step(1, signal.SIGSTOP)  # step 1: write begun
+        engine.put([Prepared(_digest("held"), 0, b"held", 0.0)])
+        shmcache._arena.step_hook = None
+        engine.close()
+        return 0
+
+    args = [command, "held", "--kind", "nodes", "--directory", str(cache_dir),
+            "--lock-timeout", str(LOCK_TIMEOUT_S)]
+    with Children() as children:
+        holder = children.spawn(hold)
+        try:
+            wait_stopped(holder, 10.0)
+            result = run_cli(*args, timeout_s=LOCK_TIMEOUT_S + 30)
+            assert result.returncode == 3, (result.stdout, result.stderr)
+            assert f"pid {holder}" in result.stderr and f"kill -CONT {holder}" in result.stderr
+            assert os.WIFEXITED(status := _resume_and_reap(holder))
+            assert os.WEXITSTATUS(status) == 0
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(holder, signal.SIGCONT)
+    again = run_cli(*args)
+    assert again.returncode == 0, (again.stdout, again.stderr)
+
+
+# -- stats --prometheus -----------------------------------------------------------------
+
+
+def test_stats_prometheus_prints_the_exposition(
+    filled: SharedMemoryCache, kind_segment: Callable[..., Engine], cache_dir: Path
+) -> None:
+    before = filled.stats()
+    result = run_cli("stats", "cli", "--prometheus", "--directory", str(cache_dir))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == render([("cli", "llm", before)])
+    families = {f.name: f for f in text_string_to_metric_families(result.stdout)}
+    assert families["shmcache_hits"].type == "counter"
+    assert families["shmcache_hits"].samples[0].labels == {"cache": "cli", "kind": "llm"}
+    assert families["shmcache_hits"].samples[0].value == 1
+    assert families["shmcache_entries"].samples[0].value == 2
+    assert filled.stats() == before  # the CLI's read counted nothing
+
+    store = kind_segment("cli", "bytes", hits=3)
+    result = run_cli("stats", "cli", "--kind", "bytes", "--prometheus",
+                     "--directory", str(cache_dir))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == render([("cli", "bytes", store.stats())])
+    assert 'shmcache_hits_total{cache="cli",kind="bytes"} 3\n' in result.stdout
+
+
+def test_stats_prometheus_of_a_missing_cache_is_an_error(tmp_path: Path) -> None:
+    result = run_cli("stats", "absent", "--prometheus", "--directory", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stdout == ""  # nothing a scraper could take for metrics
+    assert "no cache named 'absent'" in result.stderr
+    both = run_cli("stats", "absent", "--prometheus", "--json", "--directory", str(tmp_path))
+    assert both.returncode == 2 and "not allowed with" in both.stderr

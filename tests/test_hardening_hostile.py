@@ -17,6 +17,7 @@ from langchain_core.outputs import Generation
 import shmcache._arena as arena_mod
 import shmcache._segment
 from shmcache import SegmentPermissionError, SharedMemoryCache, ShmCacheError
+from shmcache._arena import FORMAT_VERSION
 
 LLM = "llm"
 MIB = 1 << 20
@@ -43,7 +44,7 @@ def test_symlinked_segment_is_refused_and_its_target_untouched(tmp_path: Path) -
     target = _make_segment(tmp_path / "elsewhere", "victim")
     directory = tmp_path / "segments"
     directory.mkdir(mode=0o700)
-    os.symlink(target, directory / "victim.v2.shm")
+    os.symlink(target, directory / f"victim.v{FORMAT_VERSION}.shm")
     before = Path(target).read_bytes()
     with pytest.raises(ShmCacheError) as refused:
         SharedMemoryCache("victim", directory=directory, size_bytes=MIB)

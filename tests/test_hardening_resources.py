@@ -17,6 +17,7 @@ from _hardening_helpers import open_fds, poke, run_in_child
 from langchain_core.outputs import Generation
 
 from shmcache import SegmentCorruptError, SegmentSpaceError, SharedMemoryCache, ShmCacheError
+from shmcache._arena import FORMAT_VERSION
 
 LLM = "llm"
 MIB = 1 << 20
@@ -107,10 +108,10 @@ def test_fd_count_and_files_stable_over_1000_open_close_cycles(tmp_path: Path) -
         for broken in ("link", "mode", "header"):
             made = SharedMemoryCache(broken, directory=directory, size_bytes=MIB)
             made.close()
-        os.rename(directory / "link.v2.shm", directory / "elsewhere")
-        os.symlink(directory / "elsewhere", directory / "link.v2.shm")
-        os.chmod(directory / "mode.v2.shm", 0o640)
-        poke(str(directory / "header.v2.shm"), 0, b"garbage!")
+        os.rename(directory / f"link.v{FORMAT_VERSION}.shm", directory / "elsewhere")
+        os.symlink(directory / "elsewhere", directory / f"link.v{FORMAT_VERSION}.shm")
+        os.chmod(directory / f"mode.v{FORMAT_VERSION}.shm", 0o640)
+        poke(str(directory / f"header.v{FORMAT_VERSION}.shm"), 0, b"garbage!")
         files_before = _leftovers(directory)
         fds_before = open_fds()
         for i in range(1000):

@@ -9,6 +9,10 @@ Endpoints:
 
 * ``POST /ask`` with JSON ``{"prompt": "..."}`` -> ``{"answer": "...", "worker_pid": N}``
 * ``GET /stats`` -> the cache's ``stats()`` as JSON (summed over all processes)
+* ``GET /metrics`` -> the same counters for Prometheus (text exposition format),
+  from ``shmcache.prometheus.ShmCacheCollector``: the host's totals whichever worker
+  answers, with no prometheus_client multiprocess mode (the counters live in the
+  segment). Needs ``pip install 'shmcache[prometheus]'``; without it: 501.
 * ``GET /healthz`` -> ``{"ok": true, "worker_pid": N}``
 
 Environment variables:
@@ -48,6 +52,28 @@ MAX_BODY_BYTES = 1 << 20
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 
 _cache: SharedMemoryCache | None = None
+
+
+
+def _metrics_registry() -> Any:
+    """The /metrics registry, or None without prometheus_client.
+
+    The collector reads the segment at each scrape (read-only, counting nothing), so
+    it holds no file or lock and is safe to build before ``fork``: every worker
+    serves the same host-wide totals. No ``PROMETHEUS_MULTIPROC_DIR`` is needed.
+    """
+    try:
+        from prometheus_client import CollectorRegistry
+
+        from shmcache.prometheus import ShmCacheCollector
+    except ImportError:  # optional here: /metrics then says what to install
+        return None
+    registry = CollectorRegistry()
+    registry.register(ShmCacheCollector(CACHE_NAME, directory=CACHE_DIR))
+    return registry
+
+
+METRICS_REGISTRY = _metrics_registry()
 
 
 def open_cache() -> SharedMemoryCache:
@@ -119,6 +145,22 @@ def application(environ: dict[str, Any], start_response: StartResponse) -> Itera
         )
     if path == "/healthz" and method == "GET":
         return _json_response(start_response, "200 OK", {"ok": True, "worker_pid": os.getpid()})
+    if path == "/metrics" and method == "GET":
+        if METRICS_REGISTRY is None:
+            return _json_response(
+                start_response, "501 Not Implemented",
+                {"error": "install prometheus_client: pip install 'shmcache[prometheus]'"},
+            )
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        data = generate_latest(METRICS_REGISTRY)
+        start_response("200 OK", [
+            ("Content-Type", CONTENT_TYPE_LATEST),
+            ("Content-Length", str(len(data))),
+            # Only so the demo (and its test) can see which worker answered.
+            ("X-Worker-Pid", str(os.getpid())),
+        ])
+        return [data]
     if path == "/stats" and method == "GET":
         if _cache is None:
             return _json_response(start_response, "503 Service Unavailable", {"error": "no cache"})
