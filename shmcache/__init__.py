@@ -1,4 +1,4 @@
-"""shmcache: a LangChain LLM cache in shared memory, shared by every process on the host.
+"""shmcache: LangChain caches in shared memory, shared by every process on the host.
 
 Example:
     >>> from langchain_core.globals import set_llm_cache
@@ -21,8 +21,10 @@ from ._errors import (
     SegmentReplacedError,
     SegmentSpaceError,
     ShmCacheError,
+    ValueTooLargeError,
 )
 from ._stats import CacheStats
+from .bytestore import SharedMemoryByteStore
 from .cache import DEFAULT_LOCK_TIMEOUT_S, DEFAULT_SIZE_BYTES, MIN_SIZE_BYTES, SharedMemoryCache
 
 __version__ = "0.1.0"
@@ -43,7 +45,9 @@ __all__ = [
     "SegmentPermissionError",
     "SegmentReplacedError",
     "SegmentSpaceError",
+    "SharedMemoryByteStore",
     "SharedMemoryCache",
     "ShmCacheError",
+    "ValueTooLargeError",
     "__version__",
 ]

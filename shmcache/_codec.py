@@ -29,16 +29,33 @@ in any process.  Design points:
   list of dicts, ...) and that free-form data is plain; keys inside a tool call dict
   are free-form data like any other.
 
-Both functions are thread-safe (no shared mutable state beyond bounded caches).
+* Compressed where it pays.  The msgpack body is zstd-compressed when that saves at
+  least an eighth of it (``_compress.py`` says when and why); byte 0 says which.
+  Plain encodings are byte for byte those of format 1, so releases from before
+  compression read them, and read a compressed one as :class:`CodecVersionError`
+  (a plain miss, never damage): the remote tier is shared across releases.
 
-Wire format (``FORMAT_VERSION`` 1)::
+All functions are thread-safe (no shared mutable state beyond bounded caches and
+per-thread zstd contexts).
 
-    byte 0      FORMAT_VERSION
-    bytes 1..4  crc32 of the class/field layout, big-endian
-    bytes 5..   msgpack array of objects; each object is
+Wire format (``FORMAT_VERSION`` 2)::
+
+    byte 0      format: 1 = plain, 2 = compressed (anything else: CodecVersionError)
+    bytes 1..4  crc32 of the class/field layout, big-endian (another layout:
+                CodecVersionError)
+    format 1    bytes 5..   the body
+    format 2    bytes 5..8  the body's length n, u32 little-endian
+                bytes 9..   one zstd frame of the body (content size n stated,
+                            no dictionary, no checksum); see ``_compress.py``
+    body        msgpack array of objects; each object is
                 [tag, fields_set_mask, extras_or_nil, field_0, ..., field_n-1]
                 with fields in ``model_fields`` order; ChatGeneration.message holds a
                 nested message object of the same shape.
+
+Decompression is bounded before it starts (``n`` at most
+``_compress.MAX_UNPACKED_BYTES`` and ``_compress.MAX_RATIO`` times the frame, the
+frame's stated size equal to ``n``) and any failure is a :class:`CodecError`, in
+both decoders: the segment's crc32 vouches for the bytes, not for their writer.
 """
 
 from __future__ import annotations
@@ -79,6 +96,8 @@ from langchain_core.outputs import (
 )
 from pydantic import BaseModel
 
+from shmcache import _compress
+from shmcache._compress import CodecError
 from shmcache._errors import ShmCacheError
 
 __all__ = [
@@ -92,8 +111,13 @@ __all__ = [
     "encode_generations",
 ]
 
-FORMAT_VERSION: Final = 1
-"""First byte of every encoding; bump it when the layout below changes."""
+FORMAT_VERSION: Final = 2
+"""The newest format this codec reads and writes (byte 0 of an encoding).
+
+Format 2 added compressed encodings; values that do not compress are still written
+in format 1 (byte 0 is 1), which format 2 contains.  Bump it when the wire format
+changes; a changed class/field layout changes the layout digest instead.
+"""
 
 MAX_NESTING_DEPTH: Final = 100
 """Deepest nesting of lists/dicts accepted inside one field (both directions)."""
@@ -101,6 +125,8 @@ MAX_NESTING_DEPTH: Final = 100
 _INT_MIN: Final = -(2**63)
 _INT_MAX: Final = 2**64 - 1
 _HEADER_LEN: Final = 5
+_PLAIN_FORMAT: Final = 1
+_COMPRESSED_FORMAT: Final = 2
 _MASK_CACHE_MAX_ENTRIES: Final = 1024
 
 # Tags are part of the format: never renumber, only add.
@@ -140,8 +166,8 @@ else:  # pragma: no cover - Python 3.10
 _PLAIN_LEAF_TYPES: Final[frozenset[type]] = frozenset({type(None), bool, str, bytes})
 
 
-class CodecError(ShmCacheError, ValueError):
-    """The bytes are not a valid encoding of a list of generations."""
+# CodecError ("the bytes are not a valid encoding") is defined by _compress, whose
+# errors subclass it, and is imported from here.
 
 
 class CodecVersionError(CodecError):
@@ -523,9 +549,12 @@ _MESSAGE_SPECS: Final[dict[type, _ClassSpec]] = {
 _MESSAGE_SPECS_BY_TAG: Final[dict[int, _ClassSpec]] = {
     spec.tag: spec for spec in _MESSAGE_SPECS.values()
 }
-_HEADER: Final[bytes] = bytes([FORMAT_VERSION]) + _layout_digest(
+_LAYOUT_DIGEST: Final[bytes] = _layout_digest(
     [*_GENERATION_SPECS.values(), *_MESSAGE_SPECS.values()]
 )
+# The five bytes before a plain body / before a compressed one.
+_HEADER: Final[bytes] = bytes([_PLAIN_FORMAT]) + _LAYOUT_DIGEST
+_COMPRESSED_HEADER: Final[bytes] = bytes([_COMPRESSED_FORMAT]) + _LAYOUT_DIGEST
 
 
 def _unsupported_class(value: object, specs: dict[type, _ClassSpec]) -> str:
@@ -641,8 +670,9 @@ def encode_generations(generations: Sequence[Generation]) -> bytes:
             ``ChatGeneration`` or ``ChatGenerationChunk`` (exactly these classes).
 
     Returns:
-        Bytes starting with :data:`FORMAT_VERSION`, which
-        :func:`decode_generations` turns back into an equal list of the same classes.
+        Bytes in format 1 (plain) or 2 (compressed, where that saves at least an
+        eighth), which :func:`decode_generations` turns back into an equal list of
+        the same classes.
 
     Raises:
         UnencodableValueError: The value is empty, or would not come back equal and
@@ -671,10 +701,14 @@ def encode_generations(generations: Sequence[Generation]) -> bytes:
         except RecursionError:
             raise UnencodableValueError(f"{root} is nested too deeply to encode") from None
     try:
-        return _HEADER + _pack(payload)
+        body = _pack(payload)
     except (TypeError, ValueError, OverflowError) as exc:
         # Unreachable if the checks above are complete; kept so no other type escapes.
         raise UnencodableValueError(f"the value cannot be packed: {exc}") from exc
+    compressed = _compress.compress_body(body)
+    if compressed is None:
+        return _HEADER + body
+    return _COMPRESSED_HEADER + compressed
 
 
 # --------------------------------------------------------------------------- decode
@@ -685,23 +719,29 @@ def _reject_ext(code: int, data: bytes) -> Any:
 
 
 def _unpack(data: bytes | memoryview) -> Any:
-    """Check the header and unpack the body with limits bound by its length."""
+    """Check the header, decompress a compressed body (bounded) and unpack the body
+    with limits bound by its length."""
     view = memoryview(data).cast("B")
     if view.nbytes < _HEADER_LEN + 1:
         raise _Invalid(f"is {view.nbytes} bytes long, too short for an encoding")
     header = view[:_HEADER_LEN].tobytes()
-    if header != _HEADER:
+    body: bytes | memoryview
+    if header == _HEADER:
+        body = view[_HEADER_LEN:]
+    elif header == _COMPRESSED_HEADER:
+        # Raises CompressedDataError (a CodecError) on any bad or lying body.
+        body = _compress.decompress_body(view[_HEADER_LEN:])
+    else:
         raise CodecVersionError(
             f"written with codec format {header[0]} / layout {header[1:].hex()}, "
-            f"this process reads format {FORMAT_VERSION} / layout {_HEADER[1:].hex()} "
-            "(another shmcache or langchain-core version); treat it as a miss"
+            f"this process reads formats {_PLAIN_FORMAT}-{FORMAT_VERSION} / layout "
+            f"{_LAYOUT_DIGEST.hex()} (another shmcache or langchain-core version); "
+            "treat it as a miss"
         )
     # unpackb's defaults already bound every length by the input's size (no
     # allocation beyond it), refuse non-str keys and give lists; each keyword
     # passed costs time on the hit path.
-    return msgpack.unpackb(
-        view[_HEADER_LEN:], unicode_errors="surrogatepass", ext_hook=_reject_ext
-    )
+    return msgpack.unpackb(body, unicode_errors="surrogatepass", ext_hook=_reject_ext)
 
 
 def _decode_fields_set(spec: _ClassSpec, mask: Any, extras: dict[str, Any] | None) -> set[str]:
@@ -805,7 +845,9 @@ def decode_verified(data: bytes | memoryview) -> list[Generation]:
     (DESIGN §3), so the per-field shape checks of :func:`decode_generations` are
     skipped — they cost more than the rest of the hit.  The header (format and
     layout), class tags, array widths and ``model_fields_set`` masks are still
-    checked, and any failure still raises :class:`CodecError` and nothing else.
+    checked, a compressed body is decompressed with every bound of
+    :func:`decode_generations`, and any failure still raises :class:`CodecError`
+    and nothing else.
 
     Raises:
         CodecError: ``data`` is not a valid encoding; :class:`CodecVersionError` if

@@ -1,7 +1,8 @@
 """Tests for the value codec (``shmcache._codec``).
 
 Round trips of every supported class, refusals at encode time, and hostile bytes at
-decode time (truncations, byte flips, random bytes, wrong-shaped msgpack).
+decode time (truncations, byte flips, random bytes, wrong-shaped msgpack, lying or
+bomb-like compressed bodies), plain (format 1) and compressed (format 2) encodings.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import copy
 import datetime
 import enum
 import math
+import struct
 import subprocess
 import sys
 from collections.abc import Callable
@@ -22,6 +24,7 @@ from typing import Any
 import langchain_core.messages as lc_messages
 import msgpack
 import pytest
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from langchain_core.messages import (
@@ -49,7 +52,9 @@ from langchain_core.outputs import (
 )
 from pydantic import BaseModel
 
+from shmcache import _compress
 from shmcache._codec import (
+    _COMPRESSED_HEADER,
     _HEADER,
     _MESSAGE_SPECS,
     FORMAT_VERSION,
@@ -270,6 +275,24 @@ def decode_or_codec_error(data: Any) -> list[Generation] | None:
         return None
 
 
+def body_of(data: bytes) -> bytes:
+    """The msgpack body of an encoding, plain or compressed."""
+    if data.startswith(_COMPRESSED_HEADER):
+        return _compress.decompress_body(data[len(_COMPRESSED_HEADER) :])
+    assert data.startswith(_HEADER)
+    return data[len(_HEADER) :]
+
+
+@contextlib.contextmanager
+def compression(flag: bool) -> Any:
+    """Turn compression on or off for the block (then back on, the default)."""
+    _compress.set_enabled(flag)
+    try:
+        yield
+    finally:
+        _compress.set_enabled(True)
+
+
 # --------------------------------------------------------------------------- round trips
 
 
@@ -398,8 +421,12 @@ def test_text_accessor_inside_free_form_data_comes_back_as_equal_str() -> None:
 def test_encoding_starts_with_format_byte() -> None:
     data = encode_generations([Generation(text="x")])
     assert isinstance(data, bytes)
-    assert data[0] == FORMAT_VERSION
+    assert data[0] == 1  # too short to compress: plain, as format 1 wrote it
     assert data.startswith(_HEADER)
+    compressed = encode_generations([typical_chat_generation()])
+    assert compressed[0] == FORMAT_VERSION == 2
+    assert compressed.startswith(_COMPRESSED_HEADER)
+    assert compressed[1:5] == data[1:5]  # the same layout digest
 
 
 def test_encoding_is_deterministic() -> None:
@@ -807,6 +834,12 @@ def test_trailing_garbage_is_rejected() -> None:
     for tail in (b"\x00", b"\xc0", data[len(_HEADER):]):
         with pytest.raises(CodecError):
             decode_generations(data + tail)
+    compressed = encode_generations([typical_chat_generation()])
+    assert compressed.startswith(_COMPRESSED_HEADER)
+    for tail in (b"\x00", b"\xc0", compressed[len(_COMPRESSED_HEADER) + 4 :]):
+        for decode in (decode_generations, decode_verified):
+            with pytest.raises(CodecError, match="unused data"):
+                decode(compressed + tail)
 
 
 # A flip can turn e.g. a tool call chunk's index into another plain value: decode checks
@@ -883,7 +916,7 @@ def reencode(payload: Any) -> bytes:
 
 def valid_payload() -> list[Any]:
     return msgpack.unpackb(  # type: ignore[no-any-return]
-        encode_generations([make_generation(make_message(AIMessageChunk))])[len(_HEADER):],
+        body_of(encode_generations([make_generation(make_message(AIMessageChunk))])),
         unicode_errors="surrogatepass",
     )
 
@@ -1070,7 +1103,7 @@ def test_chat_generation_text_that_differs_from_content_is_kept() -> None:
 
 def test_missing_text_with_block_content_is_rejected() -> None:
     generation = ChatGeneration(message=AIMessage(content=[{"type": "text", "text": "hi"}]))
-    payload = msgpack.unpackb(encode_generations([generation])[len(_HEADER) :])
+    payload = msgpack.unpackb(body_of(encode_generations([generation])))
     text_slot = 3 + list(ChatGeneration.model_fields).index("text")
     assert payload[0][text_slot] == "hi"
     payload[0][text_slot] = None
@@ -1079,3 +1112,200 @@ def test_missing_text_with_block_content_is_rejected() -> None:
         decode_generations(data)
     with pytest.raises(CodecError, match="message content is not a str"):
         decode_verified(data)
+
+
+# --------------------------------------------------------------------------- compression
+
+
+def long_answer(seed: int, chars: int = 2000) -> list[Generation]:
+    """A chat value whose encoding compresses (prose-like, not repeated bytes)."""
+    import random
+
+    rng = random.Random(seed)
+    words = ("the", "model", "said", "that", "a", "cache", "of", "answers", "saves", "calls",
+             "when", "prompts", "repeat")
+    content = " ".join(rng.choice(words) + rng.choice(["", ",", "."]) for _ in range(chars // 5))
+    return [
+        ChatGeneration(
+            message=AIMessage(
+                content=content[:chars],
+                id=f"run-{seed}",
+                usage_metadata=usage_metadata(),
+                response_metadata={"model_name": "gpt-4o", "finish_reason": "stop"},
+            ),
+            generation_info={"finish_reason": "stop"},
+        )
+    ]
+
+
+def compressed_encoding(seed: int = 1) -> bytes:
+    data = encode_generations(long_answer(seed))
+    assert data.startswith(_COMPRESSED_HEADER)
+    return data
+
+
+def test_compressible_values_are_compressed_and_round_trip() -> None:
+    value = long_answer(2)
+    data = encode_generations(value)
+    with compression(False):
+        plain = encode_generations(value)
+    assert data[0] == 2 and plain[0] == 1
+    assert len(data) < 0.75 * len(plain)
+    assert body_of(data) == body_of(plain)
+    for encoded in (data, plain):
+        for decode in (decode_generations, decode_verified):
+            assert_same(decode(encoded), value)
+            assert_same(decode(memoryview(encoded)), value)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    texts=st.lists(st.text(max_size=3000) | st.sampled_from(["", "abc " * 400]), min_size=1,
+                   max_size=3),
+    seed=st.integers(0, 1000),
+    enabled=st.booleans(),
+)
+def test_round_trips_with_compression_on_and_off(
+    texts: list[str], seed: int, enabled: bool
+) -> None:
+    value: list[Generation] = [
+        ChatGeneration(message=AIMessage(content=t)) if i % 2 else Generation(text=t)
+        for i, t in enumerate(texts)
+    ]
+    value += long_answer(seed, 300 + seed)
+    with compression(enabled):
+        data = encode_generations(value)
+    if not enabled:
+        assert data[0] == 1
+    assert_same(decode_generations(data), value)
+    assert_same(decode_verified(data), value)
+
+
+def test_plain_encodings_are_format_1_byte_for_byte() -> None:
+    # What a release before compression wrote, and reads: the same bytes, so that
+    # old records (segment or Redis) decode here and plain new ones decode there.
+    value = [Generation(text="short", generation_info={"a": 1})]
+    data = encode_generations(value)
+    assert data == _HEADER + msgpack.packb(msgpack.unpackb(data[5:]), use_bin_type=True)
+    assert data[0] == 1
+    with compression(False):
+        assert encode_generations(long_answer(3))[0] == 1
+
+
+def test_older_readers_see_compressed_encodings_as_another_version() -> None:
+    # An older release compares the first five bytes with its own header (format 1):
+    # a compressed encoding differs there, hence a CodecVersionError (a quiet miss)
+    # and never an attempt to read a zstd frame as msgpack.
+    data = compressed_encoding()
+    assert data[:5] != _HEADER and data[1:5] == _HEADER[1:5]
+
+
+@pytest.mark.parametrize("format_byte", [0, 3, 0x28, 0xFF])
+def test_unknown_format_bytes_are_version_errors(format_byte: int) -> None:
+    for data in (compressed_encoding(), encode_generations([Generation(text="x")])):
+        for decode in (decode_generations, decode_verified):
+            with pytest.raises(CodecVersionError, match="treat it as a miss"):
+                decode(bytes([format_byte]) + data[1:])
+
+
+def test_compressed_encoding_under_another_layout_is_a_version_error() -> None:
+    data = bytearray(compressed_encoding())
+    data[3] ^= 0x40
+    for decode in (decode_generations, decode_verified):
+        with pytest.raises(CodecVersionError):
+            decode(bytes(data))
+
+
+def compressed(frame: bytes, recorded: int) -> bytes:
+    return _COMPRESSED_HEADER + struct.pack("<I", recorded) + frame
+
+
+def frame_of(body: bytes, **kwargs: Any) -> bytes:
+    return zstandard.ZstdCompressor(write_checksum=False, **kwargs).compress(body)
+
+
+def frame_stating(size: int, body: bytes) -> bytes:
+    frame = frame_of(body, write_content_size=False)
+    assert frame[4] & 0xE3 == 0  # no size, not single-segment, no dict id, no checksum
+    stated = bytes([frame[4] | 0xC0]) + frame[5:6] + size.to_bytes(8, "little")
+    return frame[:4] + stated + frame[6:]
+
+
+PLAIN_BODY = body_of(encode_generations(long_answer(4)))
+HOSTILE_COMPRESSED: list[tuple[str, Callable[[], bytes]]] = [
+    ("length only", lambda: _COMPRESSED_HEADER + struct.pack("<I", 100)),
+    ("garbage frame", lambda: compressed(b"\x00\xff garbage " * 8, 96)),
+    ("zero length", lambda: compressed(frame_of(b""), 0)),
+    ("huge length", lambda: compressed(frame_stating(2**32 - 1, PLAIN_BODY), 2**32 - 1)),
+    ("frame states 48 MiB",
+     lambda: compressed(frame_stating(48 << 20, PLAIN_BODY), len(PLAIN_BODY))),
+    ("frame without size", lambda: compressed(frame_of(PLAIN_BODY, write_content_size=False),
+                                              len(PLAIN_BODY))),
+    ("recorded too short", lambda: compressed(frame_of(PLAIN_BODY), len(PLAIN_BODY) - 1)),
+    ("recorded too long", lambda: compressed(frame_of(PLAIN_BODY), len(PLAIN_BODY) + 1)),
+    ("ratio bomb", lambda: compressed(frame_of(b"\x91" * (4 << 20)), 4 << 20)),
+    ("trailing frame", lambda: compressed(frame_of(PLAIN_BODY) * 2, len(PLAIN_BODY))),
+    ("truncated frame", lambda: compressed(frame_of(PLAIN_BODY)[:-5], len(PLAIN_BODY))),
+]
+
+
+@pytest.mark.parametrize("make", [pytest.param(m, id=i) for i, m in HOSTILE_COMPRESSED])
+def test_hostile_compressed_bodies_are_codec_errors_not_version_errors(
+    make: Callable[[], bytes],
+) -> None:
+    import tracemalloc
+
+    data = make()
+    for decode in (decode_generations, decode_verified):
+        tracemalloc.start()
+        try:
+            with pytest.raises(CodecError) as info:
+                decode(data)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert not isinstance(info.value, CodecVersionError)  # damage, not a version
+        assert isinstance(info.value, _compress.CompressedDataError)
+        assert peak < 1 << 20, f"peak allocation {peak} bytes"
+
+
+def test_hostile_msgpack_inside_a_valid_frame_is_a_codec_error() -> None:
+    for body in (b"\xdd\xff\xff\xff\xff" + b"\x00" * 600, b"\x91" * 100_000 + b"\xc0",
+                 b"\xc1" * 700):
+        data = compressed(frame_of(body), len(body))
+        for decode in (decode_generations, decode_verified):
+            with pytest.raises(CodecError):
+                decode(data)
+
+
+def test_every_truncation_of_a_compressed_encoding_is_rejected() -> None:
+    data = compressed_encoding(5)
+    for length in range(len(data)):
+        for decode in (decode_generations, decode_verified):
+            with pytest.raises(CodecError):
+                decode(data[:length])
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.binary(max_size=1024))
+def test_random_bodies_behind_the_compressed_header(body: bytes) -> None:
+    for data in (_COMPRESSED_HEADER + body, _COMPRESSED_HEADER + body[:4] + b"\x28\xb5\x2f\xfd"
+                 + body[4:]):
+        decoded = decode_or_codec_error(data)
+        if decoded is not None:
+            assert_decoded_is_encodable(decoded)
+        with contextlib.suppress(CodecError):
+            decode_verified(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(position=st.integers(0, 10**6), flip=st.integers(1, 255))
+@pytest.mark.filterwarnings("ignore:Pydantic serializer warnings")
+def test_byte_flips_in_a_compressed_encoding(position: int, flip: int) -> None:
+    data = bytearray(compressed_encoding(6))
+    data[position % len(data)] ^= flip
+    decoded = decode_or_codec_error(bytes(data))
+    if decoded is not None:
+        assert_decoded_is_encodable(decoded)
+    with contextlib.suppress(CodecError):
+        decode_verified(bytes(data))

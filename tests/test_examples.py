@@ -366,6 +366,65 @@ def test_gunicorn_burst_makes_one_model_call(
     assert calls_in(server.calls_file) == Counter({prompt: 1})
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("deploy", ["preload", "post_fork"])
+def test_gunicorn_metrics_show_the_host_totals(
+    gunicorn: Callable[..., Gunicorn], deploy: str, cache_name: str
+) -> None:
+    """GET /metrics (ShmCacheCollector) from any worker: the totals of all workers."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    server = gunicorn(deploy)
+    prompts = [f"{deploy} metrics question {i}" for i in range(4)]
+    requests = prompts * 5
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        answered_by = {a["worker_pid"] for a in pool.map(server.ask, requests)}
+    assert len(answered_by) > 1, f"only worker {answered_by} answered"
+    assert calls_in(server.calls_file) == Counter(prompts)
+
+    def scrape(_: int) -> tuple[int, dict[str, float]]:
+        url = f"http://127.0.0.1:{server.port}/metrics"
+        with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith("text/plain; version=")
+            pid, text = int(resp.headers["X-Worker-Pid"]), resp.read().decode()
+        values = {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.labels == {"cache": cache_name, "kind": "llm"}
+        }
+        return pid, values
+
+    by_worker: dict[int, dict[str, float]] = {}
+
+    def scraped_from_several_workers() -> bool | None:
+        with ThreadPoolExecutor(max_workers=GUNICORN_WORKERS * 2) as pool:
+            by_worker.update(pool.map(scrape, range(GUNICORN_WORKERS * 2)))
+        return True if len(by_worker) >= 2 else None
+
+    wait_for("/metrics answers from two workers", scraped_from_several_workers, 15.0)
+    assert set(by_worker) <= set(server.booted_pids())
+    # Every worker reports the same numbers: each request counted once, host-wide
+    # (one miss per distinct prompt, every other request a hit).
+    hits = len(requests) - len(prompts)
+    for values in by_worker.values():
+        assert values["shmcache_hits_total"] == hits, by_worker
+        assert values["shmcache_misses_total"] == len(prompts), by_worker
+        assert values["shmcache_updates_total"] == len(prompts), by_worker
+        assert values["shmcache_entries"] == len(prompts), by_worker
+    # ... and the same as the cache's own stats() (any worker's /stats).
+    status, stats = server.request("GET", "/stats")
+    assert status == 200
+    some_worker = next(iter(by_worker.values()))
+    for field, value in stats.items():
+        if field == "worker_pid":
+            continue
+        name = f"shmcache_{field}" if field in ("entries", "used_bytes", "size_bytes") \
+            else f"shmcache_{field}_total"
+        assert some_worker[name] == value, (field, some_worker, stats)
+
+
 # --- batch.py ------------------------------------------------------------------
 
 
@@ -577,3 +636,175 @@ def test_heartbeat_catches_a_blocked_loop(examples: dict[str, ModuleType]) -> No
     asyncio.run(async_demo.ask_round(awaiting, ["warm-up"]))  # lazy imports off the record
     result = asyncio.run(async_demo.ask_round(awaiting, prompts))
     assert result.max_gap_s < delay
+
+
+# --- langgraph_app/ ---------------------------------------------------------------
+
+LANGGRAPH_CONF = EXAMPLES / "langgraph_app" / "gunicorn.conf.py"
+
+
+@pytest.mark.timeout(90)
+def test_langgraph_app_runs_the_cached_node_once_for_all_workers(workdir: Path) -> None:
+    """examples/langgraph_app: gunicorn workers share one SharedMemoryNodeCache, so the
+    graph's expensive node runs once per question on the host, whichever worker asks."""
+    from _robust_helpers import UnixHTTPConnection
+
+    from shmcache.langgraph import SharedMemoryNodeCache
+
+    name = f"lg-{uuid.uuid4().hex[:12]}"
+    segments = workdir / "cache"
+    sock = workdir / "lg.sock"
+    runs_file = workdir / "node-runs.log"
+    log_path = workdir / "gunicorn-langgraph.log"
+    env = {
+        **os.environ,
+        "SHMCACHE_LG_NAME": name,
+        "SHMCACHE_LG_DIR": str(segments),
+        "SHMCACHE_LG_DELAY": "0.3",
+        "SHMCACHE_LG_RUNS_FILE": str(runs_file),
+        "SHMCACHE_LG_BIND": f"unix:{sock}",
+    }
+    cmd = [sys.executable, "-m", "gunicorn", "-c", str(LANGGRAPH_CONF)]
+    cmd += ["--workers", str(GUNICORN_WORKERS)]
+
+    def log() -> str:
+        return log_path.read_text(errors="replace")
+
+    def booted() -> set[int]:
+        return {int(p) for p in re.findall(r"Booting worker with pid: (\d+)", log())}
+
+    def runs() -> list[str]:
+        """The question of every run of the cached node, any worker, in order."""
+        lines = runs_file.read_text().splitlines() if runs_file.exists() else []
+        return [json.loads(line.split("\t", 1)[1]) for line in lines]
+
+    def request(method: str, path: str, body: bytes | None = None) -> tuple[int, Any]:
+        conn = UnixHTTPConnection(str(sock), HTTP_TIMEOUT_S)
+        try:
+            conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            return response.status, json.loads(response.read())
+        finally:
+            conn.close()
+
+    def ask(question: str) -> dict[str, Any]:
+        status, body = request("POST", "/ask", json.dumps({"question": question}).encode())
+        assert status == 200, body
+        return dict(body)
+
+    def healthy() -> bool | None:
+        if proc.poll() is not None:
+            pytest.fail(f"gunicorn exited with {proc.returncode}:\n{log()}")
+        if len(booted()) < GUNICORN_WORKERS:
+            return None
+        try:
+            status, _ = request("GET", "/healthz")
+        except OSError:  # not listening yet
+            return None
+        return True if status == 200 else None
+
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir)
+    try:
+        wait_for("the langgraph app to answer /healthz", healthy)
+        workers = booted()
+        question = "Why share a node cache between workers?"
+
+        first = ask(question)
+        assert first["cached_nodes"] == []
+        assert runs() == [question]
+        assert "Why share a node cache between workers?" in first["answer"]
+
+        # Then the same question, 6 at a time, until at least two workers answered.
+        answers = [first]
+
+        def two_workers_answered() -> bool | None:
+            with ThreadPoolExecutor(max_workers=6) as pool:
+                answers.extend(pool.map(ask, [question] * 6))
+            return True if len({a["worker_pid"] for a in answers}) >= 2 else None
+
+        wait_for("two workers to answer", two_workers_answered)
+        pids = {a["worker_pid"] for a in answers}
+        assert pids <= workers, (pids, workers)
+        assert {a["answer"] for a in answers} == {first["answer"]}
+        assert all(a["cached_nodes"] == ["research"] for a in answers[1:]), answers
+        assert runs() == [question], "the cached node ran again"
+        # Extra whitespace is normalised before the cached node: the same input.
+        assert ask("  Why share a node   cache between workers? ")["cached_nodes"] == ["research"]
+
+        other = ask("A different question")
+        assert other["cached_nodes"] == []
+        assert runs() == [question, "A different question"]
+
+        status, body = request("POST", "/clear")
+        assert (status, body["cleared"]) == (200, True)
+        assert ask(question)["cached_nodes"] == []
+        assert runs() == [question, "A different question", question]
+
+        status, body = request("POST", "/ask", b"not json")
+        assert (status, body) == (400, {"error": "body is not JSON"})
+
+        stop_process(proc)  # graceful: each worker closes its cache, flushing its counts
+        assert proc.returncode == 0, log()
+        cache = SharedMemoryNodeCache(name, directory=str(segments))
+        try:
+            stats = cache.stats()
+        finally:
+            cache.close()
+        # One lookup per request: a miss for each of the 3 runs, a hit for the rest.
+        assert (stats.misses, stats.hits) == (3, len(answers)), stats
+    finally:
+        stop_process(proc)
+        if proc.returncode == -signal.SIGKILL:  # the master did not stop: kill orphans
+            for pid in booted():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        if segments.exists():
+            leftover = SharedMemoryNodeCache(name, directory=str(segments))
+            leftover.unlink()
+            leftover.close()
+            assert not Path(leftover.path).exists()
+
+
+# --- embeddings ------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_embeddings_demo_embeds_each_text_once_across_the_pool(workdir: Path) -> None:
+    """embeddings_demo.py: with per-process stores the pool embeds ``workers x texts``;
+    with one SharedMemoryByteStore each text once, and a kept segment serves a rerun."""
+    demo = EXAMPLES / "embeddings_demo.py"
+    workers, texts = 3, 20
+    args = ["--workers", str(workers), "--texts", str(texts), "--delay", "0.005",
+            "--name", "embeddings-test", "--directory", str(workdir / "cache")]
+
+    summary = last_json_line(run_example(demo, *args, "--json"))
+    plain, shared = summary["in_memory"], summary["shared"]
+    assert (plain["shard_pass_embedded"], plain["full_pass_embedded"]) == (
+        texts, (workers - 1) * texts,
+    )
+    assert plain["embedded"] == workers * texts
+    assert (shared["shard_pass_embedded"], shared["full_pass_embedded"]) == (texts, 0)
+    assert shared["embedded"] == texts
+    assert plain["workers_seen"] == shared["workers_seen"] == workers
+    assert summary["saved"] == (workers - 1) * texts
+    assert summary["identical_vectors"] is True
+    assert summary["this_run"] == {"hits": workers * texts, "misses": texts, "updates": texts}
+    assert summary["stats"]["entries"] == texts and summary["stats"]["evictions"] == 0
+    segment = Path(summary["segment"])
+    assert segment.name.startswith("embeddings-test.v") and segment.name.endswith(".bytes.shm")
+    assert not segment.exists(), "segment not unlinked without --keep"
+
+    proc = run_example(demo, *args, "--keep")
+    assert f"{workers * texts} texts embedded" in proc.stdout
+    assert "each text embedded once across the pool" in proc.stdout
+    assert "identical in every worker, both runs: yes" in proc.stdout
+    assert segment.exists(), "segment removed despite --keep"
+
+    # A rerun finds every vector in the kept segment (and removes it).
+    summary = last_json_line(run_example(demo, *args, "--json"))
+    assert summary["shared"]["embedded"] == 0
+    assert summary["in_memory"]["embedded"] == workers * texts
+    assert summary["this_run"] == {"hits": (workers + 1) * texts, "misses": 0, "updates": 0}
+    assert summary["identical_vectors"] is True
+    assert not segment.exists()
