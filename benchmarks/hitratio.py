@@ -119,12 +119,30 @@ def text_chars_for_payload(payload_bytes: int) -> int:
     def size(n: int) -> int:
         return len(encode_generations([Generation(text="a" * n)]))
 
-    n = max(1, payload_bytes - (size(1000) - 1000))
-    while n > 1 and size(n) > payload_bytes:
-        n -= 1
-    while size(n + 1) <= payload_bytes:
-        n += 1
+    with uncompressed():  # a trace's sizes are payload bytes as they are
+        n = max(1, payload_bytes - (size(1000) - 1000))
+        while n > 1 and size(n) > payload_bytes:
+            n -= 1
+        while size(n + 1) <= payload_bytes:
+            n += 1
     return n
+
+
+@contextlib.contextmanager
+def uncompressed() -> Iterator[None]:
+    """Compression off inside (where the codec has a switch), as it was after."""
+    switch = _compression_switch()
+    if switch is None:
+        yield
+        return
+    from shmcache import _compress  # type: ignore[attr-defined,unused-ignore]
+
+    was = bool(_compress.is_enabled())
+    switch(False)
+    try:
+        yield
+    finally:
+        switch(was)
 
 
 def make_value(obj_id: int, payload_bytes: int) -> list[Any]:
@@ -166,7 +184,9 @@ def _open_cache(directory: str, size_bytes: int) -> Any:
 def segment_layout(cache: Any) -> dict[str, int]:
     """size_bytes, usable log bytes and index slots of an open cache (private API)."""
     geometry = cache._open_arena().geometry
-    out = {"size_bytes": int(geometry.size_bytes), "log_bytes": int(geometry.log_size)}
+    # Format 3 splits the data space into a main and a small log: count both.
+    data_bytes = getattr(geometry, "data_bytes", geometry.log_size)
+    out = {"size_bytes": int(geometry.size_bytes), "log_bytes": int(data_bytes)}
     n_buckets = getattr(geometry, "n_buckets", None)
     from shmcache import _arena
 
@@ -354,6 +374,14 @@ def run_workload(
     distinct_record_bytes = int(record_sizes[first].sum())
     size_bytes = max(min_size, round(fraction * distinct_record_bytes) // 8 * 8)
     shm = replay_shmcache(trace, size_bytes)
+    compressed = None
+    compress = _compression_switch()
+    if compress is not None:  # the same replay with compression on, for its own column
+        compress(True)
+        try:
+            compressed = replay_shmcache(trace, size_bytes)
+        finally:
+            compress(False)
     object_sizes = record_sizes if object_size_mode == "record" else trace.sizes
     capacities = {"log": shm["log_bytes"], "segment": shm["size_bytes"]}
     sim = simulate(trace, object_sizes, capacities, policies)
@@ -383,9 +411,20 @@ def run_workload(
         "fraction": size_bytes / distinct_record_bytes,
         "object_sizes": object_size_mode,
         "shmcache": shm,
+        "shmcache_compressed": compressed,
         "policies": sim,
         "verdict": verdicts,
     }
+
+
+def _compression_switch() -> Callable[[bool], None] | None:
+    """``shmcache._compress.set_enabled`` where the codec compresses, else None."""
+    try:
+        from shmcache import _compress  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:
+        return None
+    switch = getattr(_compress, "set_enabled", None)
+    return switch if callable(switch) else None
 
 
 # -- entries per MiB ----------------------------------------------------------------------
@@ -603,17 +642,30 @@ def render(results: dict[str, Any]) -> str:
         )
     lines.append("")
     policies = [p for p in ALL_POLICIES if p in workloads[0]["policies"]["log"]]
+    with_compressed = any(w.get("shmcache_compressed") for w in workloads)
+    extra = " shmcache, compression on |" if with_compressed else ""
     lines += [
         "## Model calls (libCacheSim at the usable log bytes)",
         "",
-        "| workload | requests | shmcache | " + " | ".join(policies) + " |",
-        "|---|---:|---:|" + "---:|" * len(policies),
+        f"Compression: {results.get('compression', 'not recorded')}"
+        + (
+            " (libCacheSim's object sizes stay the uncompressed record bytes)."
+            if with_compressed
+            else "."
+        ),
+        "",
+        "| workload | requests | shmcache |" + extra + " " + " | ".join(policies) + " |",
+        "|---|---:|---:|" + ("---:|" if with_compressed else "") + "---:|" * len(policies),
     ]
     for w in workloads:
         rows = w["policies"]["log"]
+        compressed = w.get("shmcache_compressed")
+        cell = (
+            f" {compressed['model_calls']:,} |" if compressed else " |"
+        ) if with_compressed else ""
         lines.append(
             f"| {w['workload']} | {w['trace']['requests']:,} | "
-            f"{w['shmcache']['model_calls']:,} | "
+            f"{w['shmcache']['model_calls']:,} |{cell} "
             + " | ".join(f"{rows[p]['model_calls']:,}" for p in policies)
             + " |"
         )
@@ -745,7 +797,7 @@ def _environment() -> dict[str, Any]:
     from shmcache import _arena
 
     doc = (_arena.__doc__ or "").upper()
-    eviction = "CLOCK" if "CLOCK" in doc else ("S3-FIFO" if "S3-FIFO" in doc else "FIFO")
+    eviction = "S3-FIFO" if "S3-FIFO" in doc else ("CLOCK" if "CLOCK" in doc else "FIFO")
     return {
         "commit": _commit(Path(shmcache.__file__).resolve().parent),
         "shmcache": getattr(shmcache, "__version__", "?"),
@@ -776,9 +828,17 @@ def run(
         "fraction": fraction,
         "object_sizes": object_sizes,
         "environment": _environment(),
+        "compression": "off for the comparison; a second replay with it on"
+        if _compression_switch() is not None
+        else "not available (no shmcache._compress.set_enabled)",
         "entries_budget_bytes": mode.entries_budget_bytes,
         "workloads": [],
     }
+    compress = _compression_switch()
+    if compress is not None:
+        # The policy comparison sees the same object sizes as libCacheSim: stored as
+        # they are.  Each workload is replayed once more with compression on.
+        compress(False)
     for name in workloads:
         started = time.perf_counter()
         trace = traces.make_trace(name, mode.requests, mode.objects, seed)

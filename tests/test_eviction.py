@@ -1,14 +1,35 @@
-"""Eviction keeps what is read (CLOCK): read entries survive write churn while the
-live set fits; unread ones go first, oldest first."""
+"""Eviction keeps what is read (S3-FIFO on two logs): read entries survive write churn
+while the live set fits; unread ones go first, oldest first."""
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Iterator
+
+import pytest
 from _samples import CacheFactory
 from langchain_core.outputs import Generation
 
 import shmcache._arena
 
 LLM = "llm"
+
+
+@pytest.fixture(autouse=True)
+def _uncompressed() -> Iterator[None]:
+    """These tests count record bytes: values are stored as they are (where the
+    codec compresses, its switch is turned off for the test)."""
+    try:
+        compress = importlib.import_module("shmcache._compress")
+    except ImportError:
+        yield
+        return
+    was = compress.is_enabled()
+    compress.set_enabled(False)
+    try:
+        yield
+    finally:
+        compress.set_enabled(was)
 
 
 def _value(tag: str, size: int) -> list[Generation]:
@@ -68,12 +89,105 @@ def test_short_answers_that_fit_in_half_the_log_all_hit(make_cache: CacheFactory
     """Short answers fill 8-slot buckets unevenly long before the log is full; with
     two-choice buckets a working set in half the log is all there after warm-up."""
     cache = make_cache("short", size_bytes=1 << 20, coalesce=False)
-    log_size = cache._arena.geometry.log_size
+    data_bytes = cache._arena.geometry.data_bytes  # both logs
     value_bytes = cache._arena.record_bytes(len("x" * 330) + 60)  # ~460 B a record
-    keys = [f"short {i}" for i in range(log_size // 2 // value_bytes)]
+    keys = [f"short {i}" for i in range(data_bytes // 2 // value_bytes)]
     for key in keys:
         cache.update(key, LLM, [Generation(text=key.ljust(330, "."))])
     for _ in range(2):  # warm-up, then the measured round
         hits = sum(cache.lookup(key, LLM) is not None for key in keys)
     assert cache.stats().evictions == 0
     assert hits == len(keys)
+
+
+def _slot_words(cache: object, prompt: str) -> list[tuple[int, int]]:
+    """``(tag word, position word)`` of both candidate slots' matches for ``prompt``
+    (live tag or ghost tag), read from the index (private layout, format 3)."""
+    from shmcache._keys import key_digest
+
+    arena = cache._arena  # type: ignore[attr-defined]
+    digest = key_digest(prompt, LLM)
+    tag = (int.from_bytes(digest[:8], "little")) | 1
+    found = []
+    for bucket in arena._buckets(digest):
+        for i in range(shmcache._arena.SLOTS_PER_BUCKET):
+            word = int(arena.words[bucket + 1 + i])
+            if word in (tag, tag ^ 1):
+                found.append((word, int(arena.words[bucket + 9 + i])))
+    return found
+
+
+def test_one_hit_wonders_do_not_push_out_read_entries(make_cache: CacheFactory) -> None:
+    """S3-FIFO: a stream of keys written once and never read passes through the small
+    log; entries that keep being read stay in the main log, all of them, while the
+    stream writes ten times the data space."""
+    cache = make_cache("ohw", size_bytes=1 << 20, coalesce=False)
+    data_bytes = cache._arena.geometry.data_bytes
+    hot = [f"hot {i}" for i in range(150)]  # ~230 KB: a quarter of the data space
+    for key in hot:
+        cache.update(key, LLM, _value(key, 1400))
+    j = 0
+    for _ in range(20):  # each round: every hot key read once, half a data space written
+        assert sum(cache.lookup(key, LLM) is not None for key in hot) == len(hot)
+        for _ in range(data_bytes // 2 // 1500):
+            cache.update(f"once {j}", LLM, _value(f"once {j}", 1400))
+            j += 1
+    assert sum(cache.lookup(key, LLM) is not None for key in hot) == len(hot)
+    assert cache.stats().evictions >= j - data_bytes // 1400  # the stream did churn
+    assert cache._arena.counter(shmcache._arena.W_PROMOTED) > 0
+    assert cache.check() == []
+
+
+def test_an_evicted_unread_key_leaves_a_ghost_that_never_answers(
+    make_cache: CacheFactory,
+) -> None:
+    """A key dropped unread from the small log leaves a ghost slot: lookups miss, and
+    the key's next write goes straight to the main log (counted in W_GHOST_HITS)."""
+    cache = make_cache("ghost", size_bytes=1 << 20, coalesce=False)
+    hot = [f"hot {i}" for i in range(300)]
+    for key in hot:  # fill most of the main log with read entries
+        cache.update(key, LLM, _value(key, 1400))
+        assert cache.lookup(key, LLM) is not None
+        assert cache.lookup(key, LLM) is not None
+    j = 0
+    ghosts: list[str] = []
+    while not ghosts:
+        cache.update(f"cold {j}", LLM, _value(f"cold {j}", 1400))
+        j += 1
+        ghosts = [
+            f"cold {k}" for k in range(j)
+            if [w for w, _ in _slot_words(cache, f"cold {k}") if not w & 1]
+        ]
+    ghost = ghosts[0]
+    assert cache.lookup(ghost, LLM) is None  # a ghost never answers
+    assert cache.check() == []
+    before = cache._arena.counter(shmcache._arena.W_GHOST_HITS)
+    cache.update(ghost, LLM, _value(ghost, 1400))
+    assert cache._arena.counter(shmcache._arena.W_GHOST_HITS) == before + 1
+    [(tag, position)] = _slot_words(cache, ghost)
+    assert tag & 1 and position >= shmcache._arena._MAIN_BASE  # live, in the main log
+    assert cache.lookup(ghost, LLM) == _value(ghost, 1400)
+    assert cache.check() == []
+
+
+def test_check_names_a_damaged_ghost(make_cache: CacheFactory) -> None:
+    """Ghost slots carry a check value: damage to one is reported, never answered."""
+    cache = make_cache("ghostdmg", size_bytes=1 << 20, coalesce=False)
+    j = 0
+    found: list[tuple[int, int]] = []
+    while not found:
+        cache.update(f"k {j}", LLM, _value(f"k {j}", 1400))
+        j += 1
+        if cache.stats().evictions:
+            arena = cache._arena
+            found = [
+                (b, i)
+                for b in range(arena._index_word, arena._index_word + arena.n_buckets * 32, 32)
+                for i in range(shmcache._arena.SLOTS_PER_BUCKET)
+                if arena.words[b + 1 + i] and not arena.words[b + 1 + i] & 1
+            ]
+    bucket, i = found[0]
+    arena = cache._arena
+    arena.words[bucket + 17 + i] ^= 1 << 20  # the ghost's clock stamp
+    assert any("damaged ghost" in p for p in cache.check())
+    assert all(cache.lookup(f"k {k}", LLM) in (None, _value(f"k {k}", 1400)) for k in range(j))

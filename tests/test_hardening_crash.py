@@ -6,7 +6,9 @@ Two layers:
 * ``test_crash_at_write_step``: a child kills itself (``shmcache._arena.step_hook``)
   at each of the seven write steps, in four kinds of update (a new key, an overwrite,
   an overwrite that wraps the log and evicts, an insert into a full index bucket).
-  Other processes then read every key, write again and run ``check``.
+  Other processes then read every key, write again and run ``check``.  The steps of
+  eviction have their own tests: re-appending a read record (8, 9) and a record
+  leaving the small log, moved to the main log or evicted to a ghost (14-17).
 * ``test_random_sigkills_under_load``: hundreds of writers killed at random instants
   (by the parent, or by themselves at a random step) while a reader process checks
   every value it gets and the parent checks the segment after each kill.
@@ -15,20 +17,20 @@ Two layers:
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 import os
 import random
 import select
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from _hardening_helpers import (
     BUSY_WORD_BYTE,
-    HEAD_WORD_BYTE,
     Children,
     Verifier,
     bucket_index,
@@ -136,14 +138,17 @@ def _overwrite(directory: Path) -> Scenario:
 
 def _wrap(directory: Path) -> Scenario:
     """The interrupted update replaces the newest key with a value that does not fit
-    before the end of the log: it pads the lap and evicts from the tail."""
+    before the end of the main log's lap: it pads the lap and evicts from the tail."""
     cache = _open(directory)
-    log_size = cache._arena.geometry.log_size
+    # Records this big go to the main log (on probation), whose lap this is about.
+    log_size = cache._arena.geometry.main_size
     sc = Scenario(cache, {}, "", None, [], [])
     i = 0
 
     def head() -> int:
-        return word(cache.path, HEAD_WORD_BYTE)
+        return word(cache.path, shmcache._arena._W_MAIN_HEAD * 8) - (
+            shmcache._arena._MAIN_BASE // log_size + 1
+        ) * log_size
 
     # One and a half laps first, so the log is full and every write evicts...
     while head() < log_size * 2.5:
@@ -276,12 +281,13 @@ def test_crash_while_reappending_a_read_record(tmp_path: Path, step: int) -> Non
     reads a wrong value, the re-appended key at worst becomes a miss, the next writer
     proceeds, and ``check`` finds nothing."""
     cache = _open(tmp_path)
-    log_size = cache._arena.geometry.log_size
+    log_size = cache._arena.geometry.data_bytes
     expected: dict[str, Values] = {}
     i = 0
     try:
-        # Fill past a full lap, then read everything stored: the tail is referenced.
-        while word(cache.path, HEAD_WORD_BYTE) < log_size * 2.2:
+        # Fill past a full lap, then read everything stored: the tails are referenced.
+        # (Counted in stores: with no reads the main log's head need not move.)
+        while cache.stats().evictions == 0 or i < 2.2 * log_size // 3500:
             expected[f"r{i}"] = _value(f"r{i}", "v1", 3000 + 37 * i % 900)
             cache.update(f"r{i}", LLM, expected[f"r{i}"])
             i += 1
@@ -292,7 +298,10 @@ def test_crash_while_reappending_a_read_record(tmp_path: Path, step: int) -> Non
             def crash() -> int:
                 logging.disable(logging.WARNING)
                 shmcache._arena.step_hook = kill_at_step(step)
-                cache.update("fresh", LLM, _value("fresh", "new", 3000))
+                # New keys go to the small log; once it is full, each one moves a
+                # read record to the main log, whose tail is read records too.
+                for k in range(200):
+                    cache.update(f"fresh {k}", LLM, _value(f"fresh {k}", "new", 3000))
                 return 3  # not reached: the hook kills the process
 
             pid = children.spawn(crash)
@@ -306,6 +315,80 @@ def test_crash_while_reappending_a_read_record(tmp_path: Path, step: int) -> Non
         assert cache.lookup("after", LLM) == _value("after", "v", 500)
         assert [p for p, v in expected.items() if cache.lookup(p, LLM) not in (None, v)] == []
         assert cache.check() == []
+    finally:
+        cache.close()
+        cache.unlink()
+
+
+@pytest.fixture
+def uncompressed() -> Iterator[None]:
+    """Values stored as they are (where the codec compresses, its switch is off), so
+    that records fill the logs before the index: the small log's steps are reached."""
+    try:
+        compress = importlib.import_module("shmcache._compress")
+    except ImportError:
+        yield
+        return
+    was = compress.is_enabled()
+    compress.set_enabled(False)
+    try:
+        yield
+    finally:
+        compress.set_enabled(was)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("step", [14, 15, 16, 17])
+@pytest.mark.usefixtures("uncompressed")
+def test_crash_while_leaving_the_small_log(tmp_path: Path, step: int) -> None:
+    """SIGKILL while a record leaves the small log (S3-FIFO): moved to the main log
+    (14 copy published, 15 slot moved) or evicted to a ghost (16 ghost half-written,
+    17 ghost written).  No key reads a wrong value (before or after repair), the next
+    writer proceeds at once, and ``check`` finds nothing."""
+    cache = _open(tmp_path)
+    expected: dict[str, Values] = {}
+    i = 0
+    try:
+        # Fill until the data space is full (records move from the small log to the
+        # main one meanwhile), then read every other key: the small tail is a mix.
+        while cache.stats().evictions == 0:
+            expected[f"s{i}"] = _value(f"s{i}", "v1", 1200 + 53 * i % 700)
+            cache.update(f"s{i}", LLM, expected[f"s{i}"])
+            i += 1
+        for prompt in list(expected)[::2]:
+            cache.lookup(prompt, LLM)
+        with Children() as children:
+
+            def crash() -> int:
+                logging.disable(logging.WARNING)
+                shmcache._arena.step_hook = kill_at_step(step)
+                for k in range(2000):
+                    cache.update(f"fresh {k}", LLM, _value(f"fresh {k}", "new", 1500))
+                return 3  # not reached: the hook kills the process
+
+            pid = children.spawn(crash)
+            assert children.wait(pid, CHILD_DEADLINE_S) == -signal.SIGKILL
+            assert word(cache.path, BUSY_WORD_BYTE) == pid
+
+            def reader() -> int:  # lock-free lookups on the crashed segment
+                logging.disable(logging.WARNING)
+                wrong = [p for p, v in expected.items() if cache.lookup(p, LLM) not in (None, v)]
+                return 5 if wrong else 0
+
+            assert children.wait(children.spawn(reader), CHILD_DEADLINE_S) == 0
+        result = cli("check", NAME, "--directory", str(tmp_path))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert [p for p, v in expected.items() if cache.lookup(p, LLM) not in (None, v)] == []
+        started = time.monotonic()
+        cache.update("after", LLM, _value("after", "v", 500))  # the next writer
+        assert time.monotonic() - started < NEXT_WRITER_BOUND_S
+        assert cache.stats().skipped == 0
+        assert cache.lookup("after", LLM) == _value("after", "v", 500)
+        for k in range(300):  # and the logs keep turning over the repaired state
+            cache.update(f"later {k}", LLM, _value(f"later {k}", "v", 1500))
+        assert [p for p, v in expected.items() if cache.lookup(p, LLM) not in (None, v)] == []
+        assert cache.check() == []
+        assert word(cache.path, BUSY_WORD_BYTE) == 0
     finally:
         cache.close()
         cache.unlink()
