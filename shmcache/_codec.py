@@ -662,12 +662,13 @@ def _pack(payload: list[Any]) -> bytes:
         )
 
 
-def encode_generations(generations: Sequence[Generation]) -> bytes:
+def encode_generations(generations: Sequence[Generation], *, compress: bool = True) -> bytes:
     """Encode the generations LangChain hands to ``BaseCache.update``.
 
     Args:
         generations: A non-empty sequence of ``Generation``, ``GenerationChunk``,
             ``ChatGeneration`` or ``ChatGenerationChunk`` (exactly these classes).
+        compress: False: never compress (format 1), e.g. while the segment has room.
 
     Returns:
         Bytes in format 1 (plain) or 2 (compressed, where that saves at least an
@@ -705,7 +706,7 @@ def encode_generations(generations: Sequence[Generation]) -> bytes:
     except (TypeError, ValueError, OverflowError) as exc:
         # Unreachable if the checks above are complete; kept so no other type escapes.
         raise UnencodableValueError(f"the value cannot be packed: {exc}") from exc
-    compressed = _compress.compress_body(body)
+    compressed = _compress.compress_body(body, compress=compress)
     if compressed is None:
         return _HEADER + body
     return _COMPRESSED_HEADER + compressed

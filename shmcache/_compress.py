@@ -169,11 +169,13 @@ def is_enabled() -> bool:
     return _enabled
 
 
-def compress_body(payload: bytes) -> bytes | None:
+def compress_body(payload: bytes, *, compress: bool = True) -> bytes | None:
     """Compress ``payload`` if that pays.
 
     Args:
         payload: The bytes to store.
+        compress: False: return None at once (the caller's segment has room to
+            spare, so compression would only cost its hits time).
 
     Returns:
         The zstd body (``n`` as u32, then the frame), or None when compression is off,
@@ -182,7 +184,7 @@ def compress_body(payload: bytes) -> bytes | None:
         the payload is more than :data:`MAX_RATIO` times the frame.
     """
     size = len(payload)
-    if not _enabled or size < MIN_COMPRESS_BYTES or size > MAX_UNPACKED_BYTES:
+    if not (compress and _enabled) or size < MIN_COMPRESS_BYTES or size > MAX_UNPACKED_BYTES:
         return None
     frame = _contexts.compressor.compress(payload)
     if (_BODY_HEADER_BYTES + len(frame)) * 8 > size * MAX_KEPT_EIGHTHS:
@@ -255,16 +257,17 @@ def decompress_body(
         raise _refuse(f"{type(exc).__name__}: {exc}") from exc
 
 
-def pack(payload: bytes) -> bytes:
+def pack(payload: bytes, *, compress: bool = True) -> bytes:
     """Wrap ``payload`` in the envelope, compressed where that pays.
 
     Args:
         payload: The bytes to store.
+        compress: False: store it as is (see :func:`compress_body`).
 
     Returns:
         The envelope: a method byte, then the payload as is or its zstd body.
     """
-    body = compress_body(payload)
+    body = compress_body(payload, compress=compress)
     if body is None:
         return _RAW_PREFIX + payload
     return _ZSTD_PREFIX + body

@@ -207,6 +207,7 @@ class Engine(RemoteTierMixin):
             raise
         self._arena = arena
         self._arena_words = arena.words
+        self._compress_from_bytes = arena.geometry.data_bytes // 2
         self._mapped: MappedFile | None = mapped
         self._resources = _Resources(mapped.fd, self._lock, owner_file)
         # Dropped without close(): give back the fds and the owner slot.
@@ -470,6 +471,15 @@ class Engine(RemoteTierMixin):
         if self._counters.view is None:
             self._maybe_flush(arena)
         return decoded
+
+    def short_of_space(self) -> bool:
+        """Is at least half the data space taken by live entries?
+
+        Front-ends compress values only then: compression makes room (1.1-1.7x the
+        entries per MiB for 0.3-2 KB answers) but costs every hit of a compressed
+        value 2-6 µs, which a segment with room to spare need not pay.
+        """
+        return self._arena.counter(_arena.W_USED) >= self._compress_from_bytes
 
     def fits(self, payload_length: int) -> bool:
         """Does a payload of this many bytes fit in one record of the segment?"""

@@ -189,6 +189,7 @@ class SharedMemoryByteStore(ByteStore):
         engine._open_arena()
         items = []
         expires = engine.expiry()
+        short = engine.short_of_space()  # compress only then (see Engine.short_of_space)
         for pair in key_value_pairs:
             if not isinstance(pair, tuple) or len(pair) != 2:
                 raise TypeError(f"key_value_pairs must hold (key, value) tuples, not {pair!r:.80}")
@@ -196,7 +197,10 @@ class SharedMemoryByteStore(ByteStore):
             key_data = _key_bytes(key)
             if type(value) is not bytes:
                 raise TypeError(f"values must be bytes, not {type(value).__name__}")
-            payload = _compress.pack(_KEY_LENGTH.pack(len(key_data)) + key_data + value)
+            entry = _KEY_LENGTH.pack(len(key_data)) + key_data + value
+            payload = _compress.pack(entry, compress=short)
+            if not engine.fits(len(payload)) and not short:
+                payload = _compress.pack(entry)  # a big value: compressed, it may fit
             if not engine.fits(len(payload)):
                 raise ValueTooLargeError(
                     f"the value of key {key!r:.80} takes {len(payload)} bytes; the largest "

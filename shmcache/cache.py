@@ -219,8 +219,9 @@ class SharedMemoryCache(BaseCache):
             raise TypeError(
                 f"return_val must be a sequence of Generation, not {type(return_val).__name__}"
             )
+        engine = self._engine
         try:
-            payload = encode_generations(return_val)
+            payload = encode_generations(return_val, compress=engine.short_of_space())
         except UnencodableValueError as exc:
             # The codec refuses anything but generations: sort out the caller's type
             # error from a value that is merely not storable (checked only here).
@@ -230,9 +231,10 @@ class SharedMemoryCache(BaseCache):
                         "return_val must be a sequence of Generation; it holds a "
                         f"{type(generation).__name__}"
                     ) from None
-            self._engine.skip("unencodable", "%s", exc)
+            engine.skip("unencodable", "%s", exc)
             return None
-        engine = self._engine
+        if not engine.fits(len(payload)):
+            payload = encode_generations(return_val)  # a big value: compressed, it may fit
         if not engine.fits(len(payload)):
             engine.skip_too_large(len(payload))
             return None

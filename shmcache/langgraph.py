@@ -162,7 +162,11 @@ class SharedMemoryNodeCache(BaseCache[ValueT], Generic[ValueT]):
         if len(name) > _MAX_TYPE_NAME_BYTES:
             self._engine.skip("unserializable", "type name %r is too long", type_name)
             return None
-        return _compress.pack(bytes([len(name)]) + name + data)
+        entry = bytes([len(name)]) + name + data
+        payload = _compress.pack(entry, compress=self._engine.short_of_space())
+        if not self._engine.fits(len(payload)):
+            payload = _compress.pack(entry)  # a big value: compressed, it may fit
+        return payload
 
     # -- BaseCache API ----------------------------------------------------------------
 
