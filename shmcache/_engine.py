@@ -627,7 +627,18 @@ class Engine(RemoteTierMixin):
                 # The common miss, kept short.
                 counts[_arena.SLOT_MISSES] = (counts[_arena.SLOT_MISSES] + 1) & U64_MASK
                 return None
-        if found is CONTENDED:
+        elif type(found) is memoryview:
+            # The common hit, kept short: _result does the same with more calls.
+            try:
+                value = decode(found)
+            except CodecError:
+                value = None
+            counters = self._counters
+            counts = counters.view
+            if value is not None and counts is not None and counters.pid == _getpid():
+                counts[_arena.SLOT_HITS] = (counts[_arena.SLOT_HITS] + 1) & U64_MASK
+                return value
+        else:
             # A writer kept changing this bucket: read under the lock (bounded wait).
             found = self._run_locked(self._find_repaired, arena, digest)[1]
         assert not isinstance(found, Contended)

@@ -112,6 +112,7 @@ class SharedMemoryCache(BaseCache):
             directory=directory, lock_timeout=lock_timeout, coalesce=coalesce,
             coalesce_timeout=coalesce_timeout, remote=remote, remote_timeout=remote_timeout,
         )
+        self._has_remote = engine.has_remote  # fixed at open
         # (prompt, llm_string, digest) of this instance's last miss.
         self._last_miss: tuple[str | None, str | None, bytes] = (None, None, b"")
         _BY_SETTINGS[engine._settings_key()] = self
@@ -186,7 +187,7 @@ class SharedMemoryCache(BaseCache):
         digest = key_digest(prompt, llm_string)
         engine = self._engine
         # The tag matters only to the remote tier (its keys carry it).
-        tag = llm_string_hash(llm_string) if engine.has_remote else 0
+        tag = llm_string_hash(llm_string) if self._has_remote else 0
         found: list[Generation] | None = engine.get(
             digest, tag, decode_verified, decode_generations
         )
@@ -200,7 +201,7 @@ class SharedMemoryCache(BaseCache):
         _check_key(prompt, llm_string)
         digest = key_digest(prompt, llm_string)
         engine = self._engine
-        tag = llm_string_hash(llm_string) if engine.has_remote else 0
+        tag = llm_string_hash(llm_string) if self._has_remote else 0
         found: list[Generation] | None = await engine.aget(
             digest, tag, decode_verified, decode_generations
         )

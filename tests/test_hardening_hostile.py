@@ -198,8 +198,8 @@ def _record_at(cache: SharedMemoryCache, prompt: str) -> int:
     """File offset of ``prompt``'s record."""
     position_at, _ = _slot_of(cache, prompt)
     position = int.from_bytes(peek(cache.path, position_at, 8), "little")
-    g = cache._arena.geometry
-    return g.log_offset + position % g.log_size
+    region = cache._arena._region_of(position)  # the small or the main log
+    return region.base + region.offset(position)
 
 
 def _forge_record(cache: SharedMemoryCache, start: int, value: bytes) -> None:
