@@ -1,4 +1,8 @@
-"""Entry point: ``python -m benchmarks [--quick | --tiny] [--only NAME,...] [--out DIR]``."""
+"""Entry point: ``python -m benchmarks``, options ``--quick | --tiny``, ``--runs N``,
+``--only NAME,...``, ``--out DIR``.
+
+See ``benchmarks/README.md``.
+"""
 
 from __future__ import annotations
 

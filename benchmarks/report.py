@@ -342,7 +342,8 @@ def to_markdown(results: dict[str, Any]) -> str:
         "",
         f"Mode `{tier.get('name')}`, {m.get('date_utc')}, run took "
         f"{results.get('elapsed_s', 0):.0f} s. Reproduce: `python -m benchmarks"
-        f"{'' if tier.get('name') == 'full' else ' --' + str(tier.get('name'))}`"
+        f"{'' if tier.get('name') == 'full' else ' --' + str(tier.get('name'))}"
+        f"{' --runs ' + str(len(results['runs'])) if results.get('runs') else ''}`"
         " (method: `benchmarks/README.md`).",
         "",
         f"**Machine:** {m.get('cpu_model')}, {m.get('cpu_count')} CPUs "
@@ -365,7 +366,7 @@ def to_markdown(results: dict[str, Any]) -> str:
         f"Medians over batches of {tier.get('batch')} ops; {tier.get('sample')} timed lookups "
         f"per phase; mixed load: median of {tier.get('windows')} windows of "
         f"{tier.get('duration_s')} s; each side-by-side figure is the median of "
-        f"{tier.get('rounds')} round(s) over all peers. Baseline worker RSS (LangChain "
+        f"{_rounds_text(results)} over all peers. Baseline worker RSS (LangChain "
         f"imported, nothing cached): {fmt(results.get('baseline_rss_mb'), 'rss_mb')} MB.",
         "",
         "## Side by side",
@@ -415,6 +416,15 @@ def to_markdown(results: dict[str, Any]) -> str:
     out += notes.markdown()
     out.append("")
     return "\n".join(out)
+
+
+def _rounds_text(results: dict[str, Any]) -> str:
+    rounds = (results.get("tier") or {}).get("rounds")
+    runs = results.get("runs")
+    if runs and isinstance(rounds, int):
+        return (f"{rounds * len(runs)} rounds ({len(runs)} runs of {rounds}; each run's own "
+                "figures, ratios and noise: `spread.md`)")  # fmt: skip
+    return f"{rounds} round(s)"
 
 
 def _count(value: Any) -> str:

@@ -1,6 +1,6 @@
 """Orchestration: run every selected peer through the same phases, then shmcache's curves.
 
-``python -m benchmarks [--quick | --tiny] [--only a,b] [--out DIR]`` — see
+``python -m benchmarks [--quick | --tiny] [--runs N] [--only a,b] [--out DIR]`` — see
 ``benchmarks/README.md`` for the method.
 """
 
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Final
 
-from benchmarks import integrity, phases, report
+from benchmarks import integrity, phases, report, spread
 from benchmarks import workload as wl
 from benchmarks.peers import (
     LMDB_FAST,
@@ -350,6 +350,34 @@ def merge_rounds(rounds: Sequence[dict[str, Any]], cpus: int | None = None) -> d
     return merged
 
 
+def measure_rounds(
+    tier: Tier, selected: Sequence[str], tmp_root: str, run: str = ""
+) -> dict[str, list[dict[str, Any]]]:
+    """Every selected peer measured ``tier.rounds`` times, round after round (raw rounds).
+
+    Args:
+        run: Prefix of the progress lines (``"run 2/3, "`` with ``--runs``).
+    """
+    rounds: dict[str, list[dict[str, Any]]] = {p: [] for p in selected}
+    for n in range(tier.rounds):
+        for peer_id in selected:
+            if rounds[peer_id] and "skipped" in rounds[peer_id][0]:
+                continue  # the reason will not change
+            log(f"peer {peer_id} ({run}round {n + 1}/{tier.rounds})")
+            rounds[peer_id].append(_run_peer_once(peer_id, tier, tmp_root))
+    return rounds
+
+
+def merge_peers(rounds: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """One checked record per peer from its raw rounds (:func:`merge_rounds`)."""
+    cpus = usable_cpus()
+    merged = {p: merge_rounds(r, cpus) for p, r in rounds.items()}
+    for p, res in merged.items():
+        for key, item in (res.get("invalid") or {}).items():
+            log(f"{p}: {key} NOT PUBLISHED: {item['reason']}")
+    return merged
+
+
 def run_peers(tier: Tier, selected: Sequence[str], tmp_root: str) -> dict[str, Any]:
     """The side-by-side comparison: one record per peer (measured, skipped or error).
 
@@ -357,19 +385,57 @@ def run_peers(tier: Tier, selected: Sequence[str], tmp_root: str) -> dict[str, A
     burst of load from elsewhere on the host hits one round of a peer, not all of
     them; each figure is the median over rounds.
     """
-    rounds: dict[str, list[dict[str, Any]]] = {p: [] for p in selected}
-    for n in range(tier.rounds):
-        for peer_id in selected:
-            if rounds[peer_id] and "skipped" in rounds[peer_id][0]:
-                continue  # the reason will not change
-            log(f"peer {peer_id} (round {n + 1}/{tier.rounds})")
-            rounds[peer_id].append(_run_peer_once(peer_id, tier, tmp_root))
-    cpus = usable_cpus()
-    merged = {p: merge_rounds(r, cpus) for p, r in rounds.items()}
-    for p, res in merged.items():
-        for key, item in (res.get("invalid") or {}).items():
-            log(f"{p}: {key} NOT PUBLISHED: {item['reason']}")
-    return merged
+    return merge_peers(measure_rounds(tier, selected, tmp_root))
+
+
+def code_digest() -> str | None:
+    """Short sha256 of the measured library's sources (``shmcache/*.py``), or None.
+
+    Recorded at the start and end of each run of ``--runs``: a figure measured while
+    someone edits the library (each phase imports it afresh) is not the same code's.
+    """
+    import hashlib
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "shmcache")
+    try:
+        names = sorted(n for n in os.listdir(root) if n.endswith(".py"))
+        h = hashlib.sha256()
+        for name in names:
+            with open(os.path.join(root, name), "rb") as fh:
+                h.update(name.encode() + b"\0" + fh.read() + b"\0")
+    except OSError:
+        return None
+    return h.hexdigest()[:12]
+
+
+def run_repeated(
+    tier: Tier, selected: Sequence[str], tmp_root: str, runs: int
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``runs`` whole side-by-side comparisons, one after the other (``--runs``).
+
+    Returns:
+        The pooled record per peer (median over the rounds of every run; a figure that
+        any round of any run contradicts is withheld) and, per run, that run's own
+        checked records (``peers``, without the raw rounds, which the pooled record
+        keeps), elapsed time and load average: the input of :mod:`benchmarks.spread`.
+    """
+    pooled: dict[str, list[dict[str, Any]]] = {p: [] for p in selected}
+    per_run: list[dict[str, Any]] = []
+    for k in range(runs):
+        started, load, code = time.perf_counter(), os.getloadavg(), code_digest()
+        rounds = measure_rounds(tier, selected, tmp_root, run=f"run {k + 1}/{runs}, ")
+        for p, r in rounds.items():
+            pooled[p] += r
+        merged = merge_peers(rounds)
+        if runs > 1:  # the pooled record keeps every raw round
+            merged = {p: {k: v for k, v in rec.items() if k != "rounds"}
+                      for p, rec in merged.items()}  # fmt: skip
+        per_run.append({
+            "run": k + 1, "peers": merged, "elapsed_s": time.perf_counter() - started,
+            "loadavg_start": load, "loadavg_end": os.getloadavg(),
+            "code_start": code, "code_end": code_digest(),
+        })  # fmt: skip
+    return (merge_peers(pooled) if runs > 1 else per_run[0]["peers"]), per_run
 
 
 def _bytes_per_entry(stats: dict[str, int] | None) -> float | None:
@@ -527,12 +593,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"comma-separated peers to run (default: all): {', '.join(PEER_IDS)}",
     )
     parser.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="measure the side-by-side comparison N times and write spread.md: each "
+        "run's figures and ratios per column, and the run-to-run noise (default: 1)",
+    )
+    parser.add_argument(
         "--out",
         metavar="DIR",
         default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
         help="where results.md, results.json and benchmark.png go (default: %(default)s)",
     )
     args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
     if args.only:
         wanted = [name.strip() for name in args.only.split(",") if name.strip()]
         unknown = [name for name in wanted if name not in PEER_IDS]
@@ -566,7 +642,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     tmp_root = tempfile.mkdtemp(prefix="shmcache-bench-")
     try:
         results["baseline_rss_mb"] = run_fresh(phases.phase_baseline)["rss_mb"]
-        results["peers"] = run_peers(tier, args.selected, tmp_root)
+        results["peers"], runs = run_repeated(tier, args.selected, tmp_root, args.runs)
+        if args.runs > 1:
+            results["runs"] = runs
         shm = results["peers"].get(SHMCACHE, {})
         if SHMCACHE in args.selected and _shmcache_importable() and "error" not in shm:
             per_entry = _bytes_per_entry(shm.get("stats"))
@@ -588,7 +666,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(tmp_root, ignore_errors=True)
     results["elapsed_s"] = time.perf_counter() - started
     results["machine"]["loadavg_end"] = os.getloadavg()
+    if results.get("runs"):
+        spread_md = spread.write(results, args.out)
     markdown = report.write(results, args.out)
     print(markdown)
+    if results.get("runs"):
+        print(spread_md)
     log(f"done in {results['elapsed_s']:.0f} s; results in {args.out}")
     return 1 if "fatal" in results else 0

@@ -358,3 +358,92 @@ def test_bound_does_not_apply_to_a_phase_that_waits_on_a_server() -> None:
     assert integrity.validate_peer(server, cpus=2) == {}
     server["counts"]["mixed"]["misses"] = 5_000  # ... but its counts are still checked
     assert "mixed_ops_s" in integrity.validate_peer(server, cpus=2)
+
+
+# --- Spread over repeated runs (``--runs N``): each run's figures, ratios and noise. ---
+
+
+def _run_record(**figures: float) -> dict:
+    """One run's merged peers: shmcache, lmdb sync=False, warp-cache and pickle."""
+    shm = _peer_record(**{k[4:]: v for k, v in figures.items() if k.startswith("shm_")})
+    lmdb = _peer_record(update_us=20.0, hit_us=12.0, hit_plain_us=6.0, miss_us=2.5,
+                        mixed_ops_s=100_000.0)  # fmt: skip
+    warp = _peer_record(update_us=15.0, hit_us=16.0, hit_plain_us=7.0, miss_us=2.0,
+                        mixed_ops_s=120_000.0)  # fmt: skip
+    pkl = {"update_us": 10.0, "hit_us": 10.0, "hit_plain_us": 4.0}
+    return {"peers": {"shmcache": shm, "lmdb-nosync": lmdb, "warp-cache": warp, "pickle": pkl}}
+
+
+def test_spread_ratios_use_the_better_reference_and_withhold_contradicted_figures() -> None:
+    from benchmarks import integrity, spread
+
+    runs = [_run_record(shm_hit_us=11.0), _run_record(shm_hit_us=13.0),
+            _run_record(shm_hit_us=12.0, shm_mixed_ops_s=515_345.0)]  # fmt: skip
+    for r in runs:  # what merge_rounds does to each run's records
+        for rec in r["peers"].values():
+            if "counts" in rec:
+                integrity.unpublish(rec, integrity.validate_peer(rec, cpus=2))
+    out = spread.compute(runs)
+    hit = out["columns"]["hit_us"]
+    # Better of lmdb (12 µs) and warp (16 µs) is lmdb; the pickle ratio uses loads.
+    assert hit["vs_best"]["ratios"] == pytest.approx([11 / 12, 13 / 12, 1.0])
+    assert hit["vs_best"]["basis"][0] == "lmdb sync=False"
+    assert hit["vs_best"]["verdict"].startswith("depends on the run")
+    assert hit["vs_pickle"]["ratios"] == pytest.approx([1.1, 1.3, 1.2])
+    assert hit["peers"]["shmcache"]["max_over_min"] == pytest.approx(13 / 11)
+    assert hit["peers"]["shmcache"]["cv"] == pytest.approx(1 / 12)  # stdev 1, mean 12
+    assert hit["peers"]["lmdb-nosync"]["max_over_min"] == pytest.approx(1.0)
+    # Throughput: the better reference is the larger (warp, 120k).
+    mixed = out["columns"]["mixed_ops_s"]
+    assert mixed["vs_best"]["ratios"][0] == pytest.approx(70_000 / 120_000)
+    # The 515k of run 3 beats its own per-op costs: withheld, no ratio, no noise part.
+    assert mixed["peers"]["shmcache"]["values"][2] is None
+    assert "per-op costs allow" in mixed["peers"]["shmcache"]["withheld"][2]
+    assert mixed["vs_best"]["ratios"][2] is None
+    assert mixed["peers"]["shmcache"]["max_over_min"] == pytest.approx(1.0)
+    assert mixed["vs_best"]["verdict"] == "not met in any judged run (2 of 3)"
+    assert "miss_us" in out["columns"] and "pickle" not in out["columns"]["miss_us"]["peers"]
+    # A withheld reference makes "the better of" unknown: no ratio for that run.
+    runs[1]["peers"]["warp-cache"]["invalid"] = {"update_us": {"value": 1.0, "reason": "x"}}
+    runs[1]["peers"]["warp-cache"]["update_us"] = None
+    upd = spread.compute(runs)["columns"]["update_us"]["vs_best"]
+    assert upd["ratios"][1] is None and upd["ratios"][0] == pytest.approx(13.6 / 15.0)
+    markdown = spread.to_markdown({"tier": {"name": "full", "rounds": 3}, "runs": runs},
+                                  spread.compute(runs))  # fmt: skip
+    assert "withheld [" in markdown and "## Withheld figures" in markdown
+    assert "sources changed during these runs" not in markdown  # none recorded: no warning
+    runs[0].update(code_start="aaaaaaaaaaaa", code_end="bbbbbbbbbbbb")
+    changed = spread.to_markdown({"tier": {"name": "full"}, "runs": runs}, spread.compute(runs))
+    assert "changed during the run" in changed and "sources changed during these runs" in changed
+    tables = markdown.split("## Withheld figures")[0]  # the reason names the raw value
+    assert "515,345" not in tables and "515.3k" not in tables
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S + 60)
+def test_tiny_runs_write_the_spread(tmp_path: Path) -> None:
+    """``--tiny --runs 2``: spread.md has each run's figures and ratios, and the noise."""
+    peers = ("shmcache", "pickle", "lmdb-nosync", "warp-cache")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--tiny", "--runs", "2", "--only", ",".join(peers),
+         "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    assert len(results["runs"]) == 2
+    for run in results["runs"]:
+        assert set(run["peers"]) == set(peers)
+        assert "rounds" not in run["peers"]["shmcache"]  # the pooled record keeps them
+    assert len(results["peers"]["shmcache"]["rounds"]) == 2  # pooled over both runs
+    cols = results["spread"]["columns"]
+    assert set(cols) == {"update_us", "hit_us", "hit_plain_us", "miss_us", "mixed_ops_s"}
+    for key, col in cols.items():
+        assert len(col["peers"]["shmcache"]["values"]) == 2, key
+        assert len(col["vs_best"]["ratios"]) == 2, key
+    markdown = (tmp_path / "spread.md").read_text(encoding="utf-8")
+    assert "## Summary" in markdown and "| run 1 | run 2 |" in markdown
+    assert "max/min" in markdown and "CV" in markdown
+    assert "`python -m benchmarks --tiny --runs 2`" in markdown
+    code = results["runs"][0]["code_start"]
+    assert code and len(code) == 12  # the measured sources are identified per run
+    assert "shmcache sources (sha256)" in markdown
