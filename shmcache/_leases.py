@@ -24,6 +24,7 @@ uncoalesced (the caller is told, counts it, and calls the model) — never block
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final, NamedTuple
 
 from . import _arena
@@ -110,11 +111,24 @@ class LeaseTable:
                 return Lease(index, int(tag), int(owner), int(caller), int(deadline))
         return None
 
-    def take(self, tag: int, owner: int, deadline_ns: int, caller: int) -> int:
+    def take(
+        self,
+        tag: int,
+        owner: int,
+        deadline_ns: int,
+        caller: int,
+        now_ns: int = 0,
+        alive: Callable[[Lease], bool] | None = None,
+    ) -> int:
         """*Locked.* Give ``tag``'s lease to ``owner`` (replacing a lapsed one).
 
+        When the key's window is full, an entry of another key whose lease lapsed
+        (its deadline passed ``now_ns``, or ``alive`` says its owner is dead) is
+        reused: leases that processes left behind (killed, or exited without
+        updating) would otherwise fill windows for good and turn coalescing off.
+
         Returns:
-            The entry index, or -1 when the key's window is full.
+            The entry index, or -1 when every entry of the key's window is live.
         """
         words = self._words
         start, tags = self._window_tags(tag)
@@ -123,7 +137,12 @@ class LeaseTable:
         elif 0 in tags:
             free = start + tags.index(0)
         else:
-            return -1
+            free = self._lapsed(start, now_ns, alive)
+            if free < 0:
+                return -1
+            # Freed first, as release() does: no reader pairs the old key's tag with
+            # the new owner while the entry is rewritten.
+            words[self._base(free) + _TAG] = 0
         base = self._base(free)
         hook = _arena.step_hook
         if words[base + _TAG] == tag:
@@ -143,6 +162,18 @@ class LeaseTable:
         if hook:
             hook(12)
         return free % LEASE_ENTRIES
+
+    def _lapsed(self, start: int, now_ns: int, alive: Callable[[Lease], bool] | None) -> int:
+        """*Locked.* An entry of the window at ``start`` whose lease lapsed, or -1."""
+        leases = [self.read(i) for i in range(start, start + WINDOW)]
+        for lease in leases:
+            if lease is not None and lease.deadline_ns <= now_ns:
+                return lease.entry
+        if alive is not None:
+            for lease in leases:
+                if lease is not None and not alive(lease):
+                    return lease.entry
+        return -1
 
     def release(self, index: int, tag: int, owner: int, caller: int) -> bool:
         """*Locked.* Free entry ``index`` if it still is ``tag``'s lease of ``owner``'s

@@ -56,7 +56,7 @@ from pydantic import PrivateAttr
 import shmcache._arena
 from shmcache import CacheClosedError, ShmCacheError
 from shmcache._keys import key_digest, split_digest
-from shmcache._leases import LEASE_ENTRIES, WINDOW
+from shmcache._leases import LEASE_ENTRIES, WINDOW, LeaseTable
 
 N = 8
 LLM = "llm"
@@ -758,3 +758,31 @@ def test_pickle_carries_coalesce_settings(
     finally:
         if clone is not again:
             clone.close()
+
+
+@pytest.mark.timeout(60)
+def test_leases_a_dead_process_left_are_reused(make_cache: CacheFactory) -> None:
+    """A process that missed thousands of keys and died without updating them leaves
+    every lease window full; the next process's misses still coalesce (they reuse
+    the dead owner's entries) instead of going uncoalesced for good."""
+    cache = make_cache("leftovers")
+    with Children() as children:
+
+        def leaver() -> int:
+            # More misses than the table has entries: every window fills up.
+            for i in range(3 * LEASE_ENTRIES):
+                cache.lookup(f"left behind {i}", LLM)
+            return 0  # os._exit: no close(), no release; the kernel drops its locks
+
+        pid = children.spawn(leaver)
+        assert children.wait(pid, DEADLINE_S) == 0
+    table = LeaseTable(cache._arena_words)
+    taken = [lease for i in range(LEASE_ENTRIES) if (lease := table.read(i)) and lease.tag]
+    assert len(taken) > 0.95 * LEASE_ENTRIES  # the windows are (nearly all) full
+    before = cache.stats()
+    for i in range(200):
+        assert cache.lookup(f"new {i}", LLM) is None
+        cache.update(f"new {i}", LLM, [Generation(text=f"answer {i}")])
+    after = cache.stats()
+    assert after.uncoalesced - before.uncoalesced == 0
+    assert after.misses - before.misses == 200
