@@ -677,8 +677,11 @@ class Arena:
         lock holder repairs whatever it left half-done.
         """
         self.repair()
-        # getpid, not a cached pid: servers that fork from C run no at-fork hooks.
-        self._words[_W_BUSY] = os.getpid()
+        # The lock holder's pid, which it recorded when it took the lock (a fresh
+        # getpid then, never a cached one: servers that fork from C run no at-fork
+        # hooks); a caller that did not record it gets getpid() here.
+        words = self._words
+        words[_W_BUSY] = words[W_LOCK_PID] or os.getpid()
         if step_hook:
             step_hook(1)
 

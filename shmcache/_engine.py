@@ -408,7 +408,8 @@ class Engine(RemoteTierMixin):
         handler's) never leaves the lock held; a write it cut short leaves the
         segment's busy word set and is repaired by the next lock holder.
         """
-        fd = self._lock.thread_fd()
+        pid = _getpid()  # once: it is a syscall, and the lock and the arena need it
+        fd = self._lock.thread_fd(pid)
         words = self._arena_words
         held = False
         try:
@@ -417,7 +418,7 @@ class Engine(RemoteTierMixin):
             )
             if not held:
                 return False, None
-            words[_arena.W_LOCK_PID] = _getpid()
+            words[_arena.W_LOCK_PID] = pid
             return True, fn(*args)
         finally:
             if held:
@@ -432,14 +433,15 @@ class Engine(RemoteTierMixin):
 
     async def _arun_locked(self, fn: Callable[..., _T], *args: Any) -> tuple[bool, _T | None]:
         """:meth:`_run_locked` for coroutines: waits with ``asyncio.sleep``."""
-        fd = self._lock.thread_fd()
+        pid = _getpid()
+        fd = self._lock.thread_fd(pid)
         words = self._arena_words
         held = False
         try:
             held = await self._acquire_async(fd)
             if not held:
                 return False, None
-            words[_arena.W_LOCK_PID] = _getpid()
+            words[_arena.W_LOCK_PID] = pid
             return True, fn(*args)
         finally:
             if held:

@@ -105,14 +105,18 @@ class SegmentLock:
             )
         return new_fd
 
-    def thread_fd(self) -> int:
+    def thread_fd(self, pid: int | None = None) -> int:
         """This thread's own description of the segment (made on first use).
+
+        Args:
+            pid: ``os.getpid()``, when the caller has just asked (it costs a syscall).
 
         Returns -1 when the lock is closed or no description could be opened (the
         caller then treats the lock as not had).
         """
         entry: _ThreadFd | None = getattr(self._local, "entry", None)
-        pid = os.getpid()
+        if pid is None:
+            pid = os.getpid()
         if entry is not None and entry.pid == pid:
             return entry.fd
         if self._closed:
