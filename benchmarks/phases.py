@@ -96,9 +96,15 @@ def _median(values: Sequence[float]) -> float | None:
 
 
 def _time_lookups(
-    cache: BaseCache, prompts: Sequence[str], cfg: PhaseConfig
+    cache: BaseCache,
+    prompts: Sequence[str],
+    cfg: PhaseConfig,
+    after_batch: Callable[[], object] | None = None,
 ) -> tuple[list[float], int]:
-    """Per-op µs of each batch of lookups, and how many returned ``None``."""
+    """Per-op µs of each batch of lookups, and how many returned ``None``.
+
+    ``after_batch`` runs after each batch, untimed.
+    """
     llm, batch = cfg.llm, cfg.batch
     lookup = cache.lookup
     per_op: list[float] = []
@@ -109,6 +115,8 @@ def _time_lookups(
             if lookup(p, llm) is None:
                 missing += 1
         per_op.append((time.perf_counter_ns() - t0) / len(chunk) / 1000)
+        if after_batch is not None:
+            after_batch()
     return per_op, missing
 
 
@@ -235,14 +243,25 @@ def phase_miss(spec: PeerSpec, cfg: PhaseConfig) -> dict[str, Any]:
     """Look up keys that were never stored."""
     prompts = [wl.missing_prompt(i) for i in range(cfg.sample)]
     cache = open_cache(spec)
+    # A coalescing cache takes a lease at each miss, which its computing caller's
+    # update would end: this phase never updates, so it ends them after each batch
+    # (untimed), or the lease windows would fill and the later misses would go
+    # uncoalesced and measure another path.  How many did is counted.
+    release = getattr(cache, "release_leases", None)
+    stats = getattr(cache, "stats", None) if release is not None else None
+    uncoalesced_before = stats().uncoalesced if stats is not None else 0
     try:
-        per_op, missing = _time_lookups(cache, prompts, cfg)
+        per_op, missing = _time_lookups(cache, prompts, cfg, release)
+        uncoalesced = (stats().uncoalesced - uncoalesced_before) if stats is not None else 0
     finally:
         close_cache(cache)
+    counts = _lookup_counts(len(prompts), missing)
+    if stats is not None:
+        counts["uncoalesced"] = uncoalesced
     return {
         "miss_us": _median(per_op),
         "false_hits": len(prompts) - missing,
-        "counts": {"miss": _lookup_counts(len(prompts), missing)},
+        "counts": {"miss": counts},
         "rss_mb": peak_rss_mb(),
     }
 
