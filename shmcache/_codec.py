@@ -97,8 +97,7 @@ from langchain_core.outputs import (
 from pydantic import BaseModel
 
 from shmcache import _compress
-from shmcache._compress import CodecError
-from shmcache._errors import ShmCacheError
+from shmcache._errors import CodecError, CodecVersionError, ShmCacheError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -168,13 +167,6 @@ _PLAIN_LEAF_TYPES: Final[frozenset[type]] = frozenset({type(None), bool, str, by
 
 # CodecError ("the bytes are not a valid encoding") is defined by _compress, whose
 # errors subclass it, and is imported from here.
-
-
-class CodecVersionError(CodecError):
-    """The bytes were written by another codec format or langchain-core field layout.
-
-    Not damage: treat the entry as a miss (a process with this layout may rewrite it).
-    """
 
 
 class UnencodableValueError(ShmCacheError, TypeError):

@@ -60,7 +60,7 @@ from typing import Final
 
 import zstandard
 
-from shmcache._errors import ShmCacheError
+from shmcache._errors import CodecError
 
 __all__ = [
     "MAX_KEPT_EIGHTHS",
@@ -106,14 +106,6 @@ _LENGTH: Final = struct.Struct("<I")
 _BODY_HEADER_BYTES: Final = _LENGTH.size
 _RAW_PREFIX: Final = bytes([METHOD_RAW])
 _ZSTD_PREFIX: Final = bytes([METHOD_ZSTD])
-
-
-class CodecError(ShmCacheError, ValueError):
-    """The bytes are not a valid encoding (damaged, truncated, or not ours).
-
-    Callers treat it as a miss.  ``shmcache._codec`` re-exports it, the name its
-    users import.
-    """
 
 
 class CompressedDataError(CodecError):

@@ -28,10 +28,16 @@ from typing import Any, Final, TypeVar
 from . import _arena, _callbacks, _owners, _remote
 from ._arena import CONTENDED, U64_MASK, Arena, Contended, Geometry
 from ._coalesce import LEASE_CALLER, CallerKey, Coalescer, caller_key, same_holder
-from ._codec import CodecError, CodecVersionError
 from ._counters import Counters
 from ._entries import Decode, Prepared
-from ._errors import CacheClosedError, InvalidArgumentError, LockTimeoutError, ShmCacheError
+from ._errors import (
+    CacheClosedError,
+    CodecError,
+    CodecVersionError,
+    InvalidArgumentError,
+    LockTimeoutError,
+    ShmCacheError,
+)
 from ._leases import Lease, LeaseTable
 from ._lock import UNLOCK, SegmentLock, flock
 from ._remote import FAILED, RemoteTier

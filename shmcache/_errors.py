@@ -9,6 +9,8 @@ from __future__ import annotations
 
 __all__ = [
     "CacheClosedError",
+    "CodecError",
+    "CodecVersionError",
     "InvalidArgumentError",
     "LockTimeoutError",
     "SegmentCorruptError",
@@ -41,6 +43,21 @@ class CacheClosedError(ShmCacheError, ValueError):
 
 class LockTimeoutError(ShmCacheError, TimeoutError):
     """Another process held the segment lock for longer than ``lock_timeout``."""
+
+
+class CodecError(ShmCacheError, ValueError):
+    """The bytes are not a valid encoding (damaged, truncated, or not ours).
+
+    Readers treat it as a miss.  Defined here, not in a codec, because the engine
+    handles it for every front-end (``shmcache._codec`` re-exports it).
+    """
+
+
+class CodecVersionError(CodecError):
+    """The bytes were written by another codec format or langchain-core field layout.
+
+    Not damage: treat the entry as a miss (a process with this layout may rewrite it).
+    """
 
 
 class ValueTooLargeError(ShmCacheError, ValueError):

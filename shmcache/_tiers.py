@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 from . import _arena, _remote
 from ._arena import U64_MASK, Arena
 from ._coalesce import CallerKey, Coalescer, caller_key
-from ._codec import CodecError, CodecVersionError
 from ._counters import Counters
 from ._entries import Decode, Prepared
+from ._errors import CodecError, CodecVersionError
 from ._leases import Lease, owner_word
 from ._remote import FAILED, TAKEN, ClearEvent, ClearPlan, Fetched, RemoteTier
 

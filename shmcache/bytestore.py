@@ -25,10 +25,9 @@ from typing import Any, Final
 from langchain_core.stores import ByteStore
 
 from . import _arena, _compress
-from ._codec import CodecError
 from ._engine import _DEFAULT_SIZE, DEFAULT_LOCK_TIMEOUT_S, Engine
 from ._entries import Prepared
-from ._errors import ShmCacheError, ValueTooLargeError
+from ._errors import CodecError, ShmCacheError, ValueTooLargeError
 from ._keys import store_key_digest
 from ._segment import check_name, resolve_directory, segment_path
 from ._stats import CacheStats

@@ -28,10 +28,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final, Generic, TypeVar
 
 from . import _compress
-from ._codec import CodecError
 from ._engine import _DEFAULT_SIZE, DEFAULT_LOCK_TIMEOUT_S, Engine
 from ._entries import Prepared
-from ._errors import InvalidArgumentError, ShmCacheError
+from ._errors import CodecError, InvalidArgumentError, ShmCacheError
 from ._keys import namespace_hash, node_key_digest
 from ._stats import CacheStats
 
