@@ -67,6 +67,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
+from . import _accel
 from ._errors import SegmentCorruptError, SegmentFormatError
 from ._keys import split_digest
 
@@ -446,6 +447,26 @@ class Arena:
         # The header as verified at open: check() compares the live one with it.
         self._header = bytes(mapping[: _GEOMETRY.size + _GEOMETRY_CRC.size])
         self._prefault(0, geometry.log_offset)
+        # The lock-free lookup: the compiled one when built (a C call with no Python
+        # frame in between), else find_python; both follow the same protocol.
+        self._finder = self._compiled_finder(mapping)
+        self.find: Callable[[bytes, float], memoryview | Contended | None] = (
+            self.find_python
+            if self._finder is None
+            else self._finder.find  # type: ignore[assignment]  # returns CONTENDED as given
+        )
+
+    def _compiled_finder(self, mapping: mmap.mmap) -> _accel.FinderType | None:
+        if _accel.Finder is None:
+            return None
+        try:
+            return _accel.Finder(
+                mapping, self._n_buckets, self._index_word, self._main_t, self._small_t,
+                CONTENDED,
+            )
+        except (TypeError, ValueError, BufferError) as exc:  # a read-only mapping
+            logger.debug("shmcache: compiled lookup not used for this mapping (%s)", exc)
+            return None
 
     def _region_of(self, position: int) -> _Region:
         return self._main if position >= _MAIN_BASE else self._small
@@ -466,6 +487,8 @@ class Arena:
 
     def release(self) -> None:
         """Drop the views on the mapping so it can be closed."""
+        if self._finder is not None:
+            self._finder.release()
         self._words.release()
         self._halves.release()
         self._bytes.release()
@@ -542,8 +565,8 @@ class Arena:
             self._index_word + second * _BUCKET_WORDS,
         )
 
-    def find(self, digest: bytes, now: float) -> memoryview | Contended | None:
-        """Look up ``digest`` without the lock.
+    def find_python(self, digest: bytes, now: float) -> memoryview | Contended | None:
+        """Look up ``digest`` without the lock (``self.find`` is this or its C twin).
 
         Returns:
             The stored value bytes, None for a miss (absent, expired, overwritten,

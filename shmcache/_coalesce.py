@@ -103,9 +103,9 @@ class _ProcessLeases:
 _REGISTRIES: dict[str, _ProcessLeases] = {}
 
 
-def _registry(path: str) -> _ProcessLeases:
+def _registry(path: str, pid: int | None = None) -> _ProcessLeases:
     registry = _REGISTRIES.get(path)
-    if registry is None or registry.pid != os.getpid():
+    if registry is None or registry.pid != (os.getpid() if pid is None else pid):
         # New, or inherited across a fork (maybe one made from C): the parent's
         # leases stay the parent's.
         registry = _REGISTRIES[path] = _ProcessLeases()
@@ -139,12 +139,13 @@ class Coalescer:
 
     # -- who holds what -----------------------------------------------------------
 
-    def holds(self, caller: CallerKey, digest: bytes) -> bool:
-        held = self._held.get(caller)
+    def holds(self, caller: CallerKey, digest: bytes, pid: int | None = None) -> bool:
+        """Does ``caller`` hold ``digest``'s lease?  (``pid``: read by the caller.)"""
+        held = _registry(self._path, pid).by_caller.get(caller)
         return held is not None and digest in held
 
-    def has_leases(self, caller: CallerKey) -> bool:
-        return bool(self._held.get(caller))
+    def has_leases(self, caller: CallerKey, pid: int | None = None) -> bool:
+        return bool(_registry(self._path, pid).by_caller.get(caller))
 
     def holds_any(self) -> bool:
         """Does some caller hold a lease taken through this instance?"""
@@ -155,9 +156,9 @@ class Coalescer:
         """Forget task watches (a forked child's copy; the registry resets itself)."""
         self._watched_tasks = set()
 
-    def release_locked(self, caller: CallerKey) -> None:
-        """*Locked.* End every lease ``caller`` holds."""
-        held = self._held.pop(caller, None)
+    def release_locked(self, caller: CallerKey, pid: int | None = None) -> None:
+        """*Locked.* End every lease ``caller`` holds (``pid``: read by the caller)."""
+        held = _registry(self._path, pid).by_caller.pop(caller, None)
         if held:
             for lease in held.values():
                 self._table.release(lease.entry, lease.tag, lease.owner, lease.token)
@@ -212,18 +213,29 @@ class Coalescer:
         return time.monotonic_ns() + self._timeout_ns
 
     def step_locked(
-        self, digest: bytes, caller: CallerKey, waited_on: Lease | None, patience_ns: int
+        self,
+        digest: bytes,
+        caller: CallerKey,
+        waited_on: Lease | None,
+        patience_ns: int,
+        pid: int | None = None,
     ) -> Step:
         """*Locked.* Hit, become the computing caller, wait, or go uncoalesced.
 
         ``waited_on``/``patience_ns``: the lease the calling lookup has been waiting
         for, and when it will have waited its own coalesce_timeout for that one.
+        ``pid``: this process's pid, when the caller read it in this call.
         """
         cache = self._cache
         found = cache._arena.find_locked(digest, time.time())
         if found is not None:
             return Step("hit", bytes(found))
-        counts = cache._counters.slot_view()
+        counters = cache._counters
+        counts = (
+            counters.view
+            if pid is not None and counters.pid == pid and counters.view is not None
+            else counters.slot_view()
+        )
         if counts is None:
             return Step("uncoalesced")  # no owner slot to name us by
         me = owner_word(cache._resources.slot, int(counts[_arena.SLOT_GENERATION]))
@@ -244,7 +256,8 @@ class Coalescer:
         )
         if index < 0:
             return Step("uncoalesced")
-        self._held.setdefault(caller, {})[digest] = _Held(index, tag, me, token)
+        held = _registry(self._path, pid).by_caller
+        held.setdefault(caller, {})[digest] = _Held(index, tag, me, token)
         LEASE_CALLER.set(caller)
         return Step("own")
 

@@ -135,10 +135,14 @@ class Counters:
         self.view, self.pid = view, _getpid()
         return view
 
-    def count(self, slot_word: int) -> None:
-        """Add one to a slot word (``_arena.SLOT_HITS``, ...)."""
+    def count(self, slot_word: int, pid: int | None = None) -> None:
+        """Add one to a slot word (``_arena.SLOT_HITS``, ...).
+
+        ``pid``: this process's pid when the caller already read it in this call
+        (a getpid is a syscall; a hot path reads it once).
+        """
         view = self.view
-        if view is None or self.pid != _getpid():
+        if view is None or self.pid != (_getpid() if pid is None else pid):
             view = self.slot_view()
         if view is not None:
             view[slot_word] = (view[slot_word] + 1) & U64_MASK

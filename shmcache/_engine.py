@@ -404,7 +404,11 @@ class Engine(RemoteTierMixin):
         self._flush_locked(arena)
 
     def _run_locked(
-        self, fn: Callable[..., _T], *args: Any, timeout_s: float | None = None
+        self,
+        fn: Callable[..., _T],
+        *args: Any,
+        timeout_s: float | None = None,
+        pid: int | None = None,
     ) -> tuple[bool, _T | None]:
         """Run ``fn(*args)`` holding the writer lock, waiting at most ``timeout_s``.
 
@@ -413,8 +417,10 @@ class Engine(RemoteTierMixin):
         so an exception raised at any bytecode (KeyboardInterrupt, a signal
         handler's) never leaves the lock held; a write it cut short leaves the
         segment's busy word set and is repaired by the next lock holder.
+        ``pid``: this process's pid, when the caller already read it in this call.
         """
-        pid = _getpid()  # once: it is a syscall, and the lock and the arena need it
+        if pid is None:
+            pid = _getpid()  # once: it is a syscall, and the lock and the arena need it
         fd = self._lock.thread_fd(pid)
         words = self._arena_words
         held = False
@@ -522,7 +528,11 @@ class Engine(RemoteTierMixin):
         )
 
     def _store_locked(
-        self, arena: Arena, items: Sequence[Prepared], caller: CallerKey | None
+        self,
+        arena: Arena,
+        items: Sequence[Prepared],
+        caller: CallerKey | None,
+        pid: int | None = None,
     ) -> None:
         # No try/finally around end(): a write cut short must leave the busy word
         # set, so the next lock holder repairs it (see Arena.begin).
@@ -536,7 +546,7 @@ class Engine(RemoteTierMixin):
         arena.end()
         if caller is not None and self._coalescer is not None:
             # Stored: the waiters find it now.  The caller's other leases end too.
-            self._coalescer.release_locked(caller)
+            self._coalescer.release_locked(caller, pid)
 
     def _delete_locked(self, arena: Arena, digests: Sequence[bytes]) -> int:
         arena.begin()
@@ -676,14 +686,20 @@ class Engine(RemoteTierMixin):
         found = arena.find(digest, time.time())
         return found if isinstance(found, memoryview) else None
 
-    def _settle(self, value: memoryview | bytes | None, waited: bool, decode: Decode) -> Any:
+    def _settle(
+        self,
+        value: memoryview | bytes | None,
+        waited: bool,
+        decode: Decode,
+        pid: int | None = None,
+    ) -> Any:
         decoded = self._decode(value, decode)
         if decoded is None:
-            self._count(_arena.SLOT_MISSES)
+            self._count(_arena.SLOT_MISSES, pid)
         else:
-            self._count(_arena.SLOT_HITS)
+            self._count(_arena.SLOT_HITS, pid)
             if waited:
-                self._count(_arena.SLOT_COALESCED)
+                self._count(_arena.SLOT_COALESCED, pid)
         return decoded
 
     def _coalesced_miss(
@@ -692,35 +708,39 @@ class Engine(RemoteTierMixin):
         """A miss with coalescing: compute (None), or wait for the computing caller."""
         coalescer = self._coalescer
         assert coalescer is not None
-        if self._counters.pid != _getpid():
+        # One getpid for the whole call (a syscall): no fork can run this call on in
+        # another process (a child keeps only the forking thread, never this frame).
+        pid = _getpid()
+        if self._counters.pid != pid:
             self._counters.slot_view()  # a fork made from C: become this process's own owner
         caller = caller_key()
-        if coalescer.holds(caller, digest):
-            return self._settle(None, False, decode)  # our own lease: a retry, or generate([p, p])
+        if coalescer.holds(caller, digest, pid):
+            # our own lease: a retry, or generate([p, p])
+            return self._settle(None, False, decode, pid)
         waited_on: Lease | None = None  # the computing caller we wait for, and until when
         patience = 0
         waited = False
         while True:
             done, step = self._run_locked(
-                coalescer.step_locked, digest, caller, waited_on, patience
+                coalescer.step_locked, digest, caller, waited_on, patience, pid, pid=pid
             )
             if not done or step is None or step.kind == "uncoalesced":
                 if self._mapped is None:
                     return None  # closed by another thread while we waited
-                self._count(_arena.SLOT_UNCOALESCED)
+                self._count(_arena.SLOT_UNCOALESCED, pid)
                 if self._remote is not None:
                     return self._drive(
                         self._remote_flow(arena, digest, tag, None, decode_untrusted)
                     )
-                return self._settle(None, False, decode)
+                return self._settle(None, False, decode, pid)
             if step.kind == "hit":
-                return self._settle(step.value, waited, decode)
+                return self._settle(step.value, waited, decode, pid)
             if step.kind == "own":
                 if self._remote is not None:  # this host's computing caller asks Redis
                     return self._drive(
                         self._remote_flow(arena, digest, tag, caller, decode_untrusted)
                     )
-                return self._settle(None, False, decode)
+                return self._settle(None, False, decode, pid)
             assert step.lease is not None
             waited = True
             if waited_on is None or not same_holder(step.lease, waited_on):
@@ -728,7 +748,7 @@ class Engine(RemoteTierMixin):
                 waited_on, patience = step.lease, coalescer.patience_deadline_ns()
             value = coalescer.wait(step.lease, patience, lambda: self._poll(arena, digest))
             if value is not None:
-                return self._settle(value, True, decode)
+                return self._settle(value, True, decode, pid)
             # The lease ended without a value: take it over, or wait for the new owner.
 
     async def _acoalesced_miss(
@@ -806,10 +826,11 @@ class Engine(RemoteTierMixin):
         coalescer = self._coalescer
         if coalescer is None:
             return None
-        if self._counters.pid != _getpid():
+        pid = _getpid()
+        if self._counters.pid != pid:
             self._counters.slot_view()
         caller = caller_key()
-        return caller if coalescer.has_leases(caller) else None
+        return caller if coalescer.has_leases(caller, pid) else None
 
     def end_leases(self, caller: CallerKey | None) -> None:
         """A write was skipped: its caller's leases (local and remote) end all the same."""
@@ -827,7 +848,8 @@ class Engine(RemoteTierMixin):
             False if the lock was not had within ``lock_timeout`` (nothing stored).
         """
         arena = self._open_arena()
-        if not self._run_locked(self._store_locked, arena, items, caller)[0]:
+        pid = _getpid()  # once: the lock, the arena and the lease registry need it
+        if not self._run_locked(self._store_locked, arena, items, caller, pid, pid=pid)[0]:
             self.end_leases(caller)
             return False
         remote = self._remote

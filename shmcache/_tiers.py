@@ -74,7 +74,7 @@ class RemoteTierMixin:
     _mapped: MappedFile | None
     _coalescer: Coalescer | None
     _counters: Counters
-    _count: Callable[[int], None]
+    _count: Callable[..., None]  # Counters.count(slot_word, pid=None)
     _remote: RemoteTier | None
     # Redis leases this instance's callers hold, by caller and key digest, and the
     # asyncio tasks watched for them.

@@ -1,0 +1,40 @@
+"""Which fast paths are compiled: the optional ``shmcache._speedups`` extension.
+
+The extension holds C versions of hot, read-only paths (today: the lock-free lookup,
+``Arena.find``) with the exact semantics of their pure-Python twins, which stay the
+reference and run wherever the extension is absent: a machine without a compiler
+(the build is optional), a platform the C code does not support, or
+``SHMCACHE_PURE_PYTHON=1`` in the environment (read once, at import).  Processes
+with and without it share segments freely: both follow one reader protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Final
+
+__all__ = ["PURE_PYTHON_ENV", "Finder", "FinderType", "compiled"]
+
+logger = logging.getLogger("shmcache")
+
+PURE_PYTHON_ENV: Final = "SHMCACHE_PURE_PYTHON"
+
+if TYPE_CHECKING:
+    from ._speedups import Finder as FinderType
+else:
+    FinderType = object
+
+Finder: type[FinderType] | None = None
+if os.environ.get(PURE_PYTHON_ENV, "") not in ("", "0"):
+    logger.debug("shmcache: %s is set, using the pure-Python paths", PURE_PYTHON_ENV)
+else:
+    try:
+        from ._speedups import Finder
+    except ImportError as exc:  # no compiler at install time, or another platform
+        logger.debug("shmcache: compiled paths unavailable (%s); using pure Python", exc)
+
+
+def compiled() -> bool:
+    """Is the compiled lookup in use in this process?"""
+    return Finder is not None

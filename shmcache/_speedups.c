@@ -1,0 +1,381 @@
+/*
+ * shmcache._speedups: the lock-free lookup of shmcache/_arena.py (Arena.find) in C.
+ *
+ * Optional: shmcache runs the same algorithm in pure Python when this module is
+ * absent (or SHMCACHE_PURE_PYTHON=1), and tests/test_speedups.py checks that both
+ * give the same answer for every record state, damaged ones included.  The segment
+ * format and the reader protocol are exactly those of _arena.py:
+ *
+ *   - two candidate buckets per key, 8 tags each (a ghost's tag has the low bit
+ *     clear, a live key's tag has it set, so ghosts never match);
+ *   - a seqlock version word per bucket: position and length are read between two
+ *     equal even versions;
+ *   - the record is copied out of the log, then the log's tail is read again (a
+ *     writer that reclaimed the bytes meanwhile makes it a miss), then its header,
+ *     digest and crc32 are checked on the copy;
+ *   - a hit raises the slot's 2-bit read frequency, test before set.
+ *
+ * Nothing here writes anything but that frequency byte, and nothing takes a lock.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+/* Layout constants, as in _arena.py (checked against it at Finder creation). */
+#define BUCKET_WORDS 32
+#define TAGS_AT 1
+#define POS_AT 9
+#define LENS_AT_BYTE 200
+#define REFS_AT_BYTE 232
+#define SLOTS 8
+#define FREQ_MAX 3
+#define SEQLOCK_TRIES 16
+#define RECORD_HEADER 72
+#define RECORD_MAGIC 0x31434552u
+#define MAIN_BASE (UINT64_C(1) << 62)
+
+typedef struct {
+    uint64_t tail_word;
+    uint64_t head_word;
+    uint64_t base;
+    uint64_t size;
+} Region;
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view;     /* the writable mapping; released by release() */
+    int held;
+    uint64_t n_buckets;
+    uint64_t index_word;
+    Region main;
+    Region small;
+    PyObject *contended; /* returned when a writer kept changing the bucket */
+    PyObject *crc32;     /* zlib.crc32: the value's checksum (the header's is here) */
+} Finder;
+
+static uint32_t crc_table[256];
+
+static void
+crc_init(void)
+{
+    for (uint32_t n = 0; n < 256; n++) {
+        uint32_t c = n;
+        for (int k = 0; k < 8; k++)
+            c = (c & 1) ? (0xEDB88320u ^ (c >> 1)) : (c >> 1);
+        crc_table[n] = c;
+    }
+}
+
+/* zlib's crc32(data, start): the header part is 64 bytes, a table is enough. */
+static uint32_t
+crc_update(uint32_t start, const unsigned char *p, size_t n)
+{
+    uint32_t c = ~start;
+    while (n--)
+        c = crc_table[(c ^ *p++) & 0xFF] ^ (c >> 8);
+    return ~c;
+}
+
+static inline uint64_t
+load_u64(const unsigned char *p)
+{
+    /* The words are 8-byte aligned in the mapping; an atomic load keeps the
+       compiler from caching or tearing them. */
+    return __atomic_load_n((const uint64_t *)p, __ATOMIC_ACQUIRE);
+}
+
+static inline uint64_t
+read_u64(const unsigned char *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
+static inline uint32_t
+read_u32(const unsigned char *p)
+{
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+static void
+Finder_dealloc(Finder *self)
+{
+    if (self->held) {
+        PyBuffer_Release(&self->view);
+        self->held = 0;
+    }
+    Py_XDECREF(self->contended);
+    Py_XDECREF(self->crc32);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int
+Finder_init(Finder *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"mapping", "n_buckets", "index_word", "main", "small",
+                             "contended", NULL};
+    PyObject *mapping, *contended;
+    unsigned long long n_buckets, index_word;
+    unsigned long long m[4], s[4];
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OKK(KKKK)(KKKK)O", kwlist, &mapping,
+                                     &n_buckets, &index_word, &m[0], &m[1], &m[2], &m[3],
+                                     &s[0], &s[1], &s[2], &s[3], &contended))
+        return -1;
+    if (self->held) {
+        PyErr_SetString(PyExc_RuntimeError, "Finder is already initialised");
+        return -1;
+    }
+    if (n_buckets == 0 || m[3] == 0 || s[3] == 0) {
+        PyErr_SetString(PyExc_ValueError, "n_buckets and log sizes must be positive");
+        return -1;
+    }
+    if (PyObject_GetBuffer(mapping, &self->view, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0)
+        return -1;
+    self->held = 1;
+    uint64_t len = (uint64_t)self->view.len;
+    /* Every address find() computes stays inside the mapping: the index must fit,
+       and each log region too (record bounds are checked against the region). */
+    if ((index_word + n_buckets * BUCKET_WORDS) * 8 > len || m[2] + m[3] > len ||
+        s[2] + s[3] > len || m[0] * 8 + 8 > len || m[1] * 8 + 8 > len ||
+        s[0] * 8 + 8 > len || s[1] * 8 + 8 > len ||
+        ((uintptr_t)self->view.buf & 7) != 0) {
+        PyBuffer_Release(&self->view);
+        self->held = 0;
+        PyErr_SetString(PyExc_ValueError, "the geometry does not fit the mapping");
+        return -1;
+    }
+    self->n_buckets = n_buckets;
+    self->index_word = index_word;
+    self->main = (Region){m[0], m[1], m[2], m[3]};
+    self->small = (Region){s[0], s[1], s[2], s[3]};
+    Py_INCREF(contended);
+    Py_XSETREF(self->contended, contended);
+    PyObject *zlib = PyImport_ImportModule("zlib");
+    if (zlib == NULL)
+        return -1;
+    Py_XSETREF(self->crc32, PyObject_GetAttrString(zlib, "crc32"));
+    Py_DECREF(zlib);
+    return self->crc32 == NULL ? -1 : 0;
+}
+
+static PyObject *
+Finder_release(Finder *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->held) {
+        PyBuffer_Release(&self->view);
+        self->held = 0;
+    }
+    Py_RETURN_NONE;
+}
+
+/* The value's bytes as a memoryview over a private copy, or NULL with no error set
+   for a miss (absent, reclaimed, damaged, expired). */
+static PyObject *
+read_record(Finder *self, uint64_t position, uint64_t length, const unsigned char *digest,
+            double now, int *miss)
+{
+    const unsigned char *mm = (const unsigned char *)self->view.buf;
+    const Region *r = position >= MAIN_BASE ? &self->main : &self->small;
+    uint64_t offset = position % r->size;
+    *miss = 1;
+    if (position < load_u64(mm + r->tail_word * 8) ||
+        position + length > load_u64(mm + r->head_word * 8) || length < RECORD_HEADER ||
+        offset + length > r->size)
+        return NULL;
+    const unsigned char *rec = mm + r->base + offset;
+    unsigned char header[RECORD_HEADER];
+    memcpy(header, rec, RECORD_HEADER);
+    uint32_t value_length = read_u32(header + 20);
+    if ((uint64_t)RECORD_HEADER + value_length > length)
+        return NULL;
+    PyObject *value = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)value_length);
+    if (value == NULL) {
+        *miss = 0;
+        return NULL;
+    }
+    memcpy(PyBytes_AS_STRING(value), rec + RECORD_HEADER, value_length);
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    if (position < load_u64(mm + r->tail_word * 8)) {
+        Py_DECREF(value); /* a writer reclaimed these bytes while we copied them */
+        return NULL;
+    }
+    double expires;
+    memcpy(&expires, header + 24, 8);
+    if (read_u32(header) != RECORD_MAGIC || read_u64(header + 8) != position ||
+        read_u32(header + 16) != length || memcmp(header + 40, digest, 32) != 0 ||
+        (expires != 0.0 && expires <= now)) {
+        Py_DECREF(value);
+        return NULL;
+    }
+    PyObject *view = PyMemoryView_FromObject(value);
+    Py_DECREF(value);
+    if (view == NULL) {
+        *miss = 0;
+        return NULL;
+    }
+    uint32_t head_crc = crc_update(0, header + 8, RECORD_HEADER - 8);
+    PyObject *start = PyLong_FromUnsignedLong(head_crc);
+    if (start == NULL) {
+        Py_DECREF(view);
+        *miss = 0;
+        return NULL;
+    }
+    PyObject *argv[2] = {view, start};
+    PyObject *got = PyObject_Vectorcall(self->crc32, argv, 2, NULL);
+    Py_DECREF(start);
+    if (got == NULL) {
+        Py_DECREF(view);
+        *miss = 0;
+        return NULL;
+    }
+    unsigned long crc = PyLong_AsUnsignedLong(got);
+    Py_DECREF(got);
+    if (crc != read_u32(header + 4)) {
+        Py_DECREF(view);
+        return NULL;
+    }
+    *miss = 0;
+    return view;
+}
+
+static PyObject *
+Finder_find(Finder *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "find(digest, now) takes 2 arguments");
+        return NULL;
+    }
+    if (!self->held) {
+        PyErr_SetString(PyExc_ValueError, "the Finder was released");
+        return NULL;
+    }
+    if (!PyBytes_Check(args[0]) || PyBytes_GET_SIZE(args[0]) != 32) {
+        PyErr_SetString(PyExc_TypeError, "digest must be 32 bytes");
+        return NULL;
+    }
+    double now = PyFloat_AsDouble(args[1]);
+    if (now == -1.0 && PyErr_Occurred())
+        return NULL;
+    const unsigned char *digest = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    unsigned char *mm = (unsigned char *)self->view.buf;
+    uint64_t tag = read_u64(digest) | 1;
+    uint64_t seed = read_u64(digest + 8), seed2 = read_u64(digest + 16);
+    uint64_t n = self->n_buckets;
+    uint64_t first = seed % n;
+    uint64_t bucket = self->index_word + first * BUCKET_WORDS;
+    int slot = -1;
+    for (int round = 0; round < 2 && slot < 0; round++) {
+        if (round == 1) {
+            uint64_t second = seed2 % n;
+            if (second == first)
+                second = (second + 1) % n;
+            bucket = self->index_word + second * BUCKET_WORDS;
+        }
+        const unsigned char *tags = mm + (bucket + TAGS_AT) * 8;
+        for (int i = 0; i < SLOTS; i++) {
+            if (load_u64(tags + 8 * i) == tag) {
+                slot = i;
+                break;
+            }
+        }
+    }
+    if (slot < 0)
+        Py_RETURN_NONE; /* absence needs no consistency check */
+    const unsigned char *b = mm + bucket * 8;
+    for (int attempt = 0; attempt < SEQLOCK_TRIES; attempt++) {
+        uint64_t version = load_u64(b);
+        if (version & 1)
+            continue;
+        uint64_t position = load_u64(b + (POS_AT + slot) * 8);
+        uint32_t length = __atomic_load_n((const uint32_t *)(b + LENS_AT_BYTE + 4 * slot),
+                                          __ATOMIC_ACQUIRE);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (load_u64(b) != version)
+            continue;
+        int miss;
+        PyObject *found = read_record(self, position, length, digest, now, &miss);
+        if (found == NULL) {
+            if (miss)
+                Py_RETURN_NONE;
+            return NULL;
+        }
+        unsigned char *ref = mm + bucket * 8 + REFS_AT_BYTE + slot;
+        unsigned char freq = __atomic_load_n(ref, __ATOMIC_RELAXED);
+        if (freq < FREQ_MAX) /* test before set: hot keys write nothing */
+            __atomic_store_n(ref, (unsigned char)(freq + 1), __ATOMIC_RELAXED);
+        return found;
+    }
+    Py_INCREF(self->contended);
+    return self->contended;
+}
+
+static PyObject *
+speedups_crc32(PyObject *module, PyObject *args)
+{
+    Py_buffer data;
+    unsigned int start = 0;
+    if (!PyArg_ParseTuple(args, "y*|I", &data, &start))
+        return NULL;
+    uint32_t crc = crc_update(start, data.buf, (size_t)data.len);
+    PyBuffer_Release(&data);
+    return PyLong_FromUnsignedLong(crc);
+}
+
+static PyMethodDef Finder_methods[] = {
+    {"find", (PyCFunction)(void (*)(void))Finder_find, METH_FASTCALL,
+     "find(digest, now) -> memoryview | None | contended: the lock-free lookup."},
+    {"release", (PyCFunction)Finder_release, METH_NOARGS,
+     "Release the mapping's buffer (before the mapping is closed)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject FinderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmcache._speedups.Finder",
+    .tp_basicsize = sizeof(Finder),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Arena.find in C over one mapped segment.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Finder_init,
+    .tp_dealloc = (destructor)Finder_dealloc,
+    .tp_methods = Finder_methods,
+};
+
+static PyMethodDef module_methods[] = {
+    {"crc32", speedups_crc32, METH_VARARGS,
+     "crc32(data, start=0): the table CRC-32 used for record headers (= zlib.crc32)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef speedups_module = {
+    PyModuleDef_HEAD_INIT, "shmcache._speedups",
+    "Compiled fast paths of shmcache (optional; pure-Python fallback).", -1,
+    module_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    crc_init();
+    if (PyType_Ready(&FinderType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&speedups_module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&FinderType);
+    if (PyModule_AddObject(m, "Finder", (PyObject *)&FinderType) < 0) {
+        Py_DECREF(&FinderType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (PyModule_AddIntConstant(m, "RECORD_HEADER_BYTES", RECORD_HEADER) < 0 ||
+        PyModule_AddIntConstant(m, "BUCKET_WORDS", BUCKET_WORDS) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
