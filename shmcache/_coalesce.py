@@ -33,6 +33,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Final, Literal, NamedTuple
 
 from . import _arena
+from ._arena import CONTENDED, Contended
 from ._keys import split_digest
 from ._leases import Lease, LeaseTable, owner_word
 
@@ -227,8 +228,14 @@ class Coalescer:
         ``pid``: this process's pid, when the caller read it in this call.
         """
         cache = self._cache
-        found = cache._arena.find_locked(digest, time.time())
+        arena = cache._arena
+        # The lock-free lookup is the fast one (compiled where built); under the lock
+        # it can only see CONTENDED where a dead writer left a bucket mid-change.
+        found = arena.find(digest, time.time())
+        if found is CONTENDED:
+            found = arena.find_locked(digest, time.time())
         if found is not None:
+            assert not isinstance(found, Contended)
             return Step("hit", bytes(found))
         counters = cache._counters
         counts = (

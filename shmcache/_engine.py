@@ -708,8 +708,9 @@ class Engine(RemoteTierMixin):
         """A miss with coalescing: compute (None), or wait for the computing caller."""
         coalescer = self._coalescer
         assert coalescer is not None
-        # One getpid for the whole call (a syscall): no fork can run this call on in
-        # another process (a child keeps only the forking thread, never this frame).
+        # One getpid per locked step, not one per helper (each is a syscall).  A fork
+        # child keeps only the forking thread; the pid is read again after each wait,
+        # the one place this call gives other code (a signal handler) much time.
         pid = _getpid()
         if self._counters.pid != pid:
             self._counters.slot_view()  # a fork made from C: become this process's own owner
@@ -747,6 +748,9 @@ class Engine(RemoteTierMixin):
                 # A new computing caller: our coalesce_timeout starts again for it.
                 waited_on, patience = step.lease, coalescer.patience_deadline_ns()
             value = coalescer.wait(step.lease, patience, lambda: self._poll(arena, digest))
+            pid = _getpid()
+            if self._counters.pid != pid:
+                self._counters.slot_view()
             if value is not None:
                 return self._settle(value, True, decode, pid)
             # The lease ended without a value: take it over, or wait for the new owner.

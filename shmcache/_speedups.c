@@ -303,6 +303,12 @@ Finder_find(Finder *self, PyObject *const *args, Py_ssize_t nargs)
                 Py_RETURN_NONE;
             return NULL;
         }
+        /* zlib.crc32 lets go of the GIL for big values: another thread may have
+           released the mapping meanwhile (close()); then it is not touched again. */
+        if (!self->held || self->view.buf != (void *)mm) {
+            Py_DECREF(found);
+            Py_RETURN_NONE;
+        }
         unsigned char *ref = mm + bucket * 8 + REFS_AT_BYTE + slot;
         unsigned char freq = __atomic_load_n(ref, __ATOMIC_RELAXED);
         if (freq < FREQ_MAX) /* test before set: hot keys write nothing */

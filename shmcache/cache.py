@@ -30,7 +30,7 @@ from ._engine import (
     Engine,
 )
 from ._entries import Prepared
-from ._errors import ShmCacheError
+from ._errors import CacheClosedError, ShmCacheError
 from ._keys import key_digest, llm_string_hash
 from ._segment import check_name, resolve_directory, segment_path
 from ._stats import CacheStats
@@ -43,6 +43,21 @@ _KIND: Final = "llm"
 _BY_SETTINGS: weakref.WeakValueDictionary[tuple[object, ...], SharedMemoryCache] = (
     weakref.WeakValueDictionary()
 )
+
+
+def _closed_meanwhile(engine: Engine, exc: ValueError) -> ValueError:
+    """The error to raise for a ValueError out of the engine.
+
+    Another thread's close() releases the mapping's views while this call may be
+    using them (their use then raises ValueError): that is a closed cache.  Any other
+    ValueError is returned as it is.
+    """
+    if engine.closed and not isinstance(exc, CacheClosedError):
+        try:
+            engine._open_arena()
+        except CacheClosedError as closed:
+            return closed
+    return exc
 
 
 def _check_key(prompt: object, llm_string: object) -> None:
@@ -188,9 +203,12 @@ class SharedMemoryCache(BaseCache):
         engine = self._engine
         # The tag matters only to the remote tier (its keys carry it).
         tag = llm_string_hash(llm_string) if self._has_remote else 0
-        found: list[Generation] | None = engine.get(
-            digest, tag, decode_verified, decode_generations
-        )
+        try:
+            found: list[Generation] | None = engine.get(
+                digest, tag, decode_verified, decode_generations
+            )
+        except ValueError as exc:
+            raise _closed_meanwhile(engine, exc) from None
         if found is None:
             self._last_miss = (prompt, llm_string, digest)  # update() comes next
         return found
@@ -202,9 +220,12 @@ class SharedMemoryCache(BaseCache):
         digest = key_digest(prompt, llm_string)
         engine = self._engine
         tag = llm_string_hash(llm_string) if self._has_remote else 0
-        found: list[Generation] | None = await engine.aget(
-            digest, tag, decode_verified, decode_generations
-        )
+        try:
+            found: list[Generation] | None = await engine.aget(
+                digest, tag, decode_verified, decode_generations
+            )
+        except ValueError as exc:
+            raise _closed_meanwhile(engine, exc) from None
         if found is None:
             self._last_miss = (prompt, llm_string, digest)  # aupdate() comes next
         return found
@@ -263,7 +284,12 @@ class SharedMemoryCache(BaseCache):
         prepared = self._prepare(prompt, llm_string, return_val)
         if prepared is None:
             engine.end_leases(caller)
-        elif not engine.put((prepared,), caller):
+            return
+        try:
+            stored = engine.put((prepared,), caller)
+        except ValueError as exc:
+            raise _closed_meanwhile(engine, exc) from None
+        if not stored:
             engine.skip_lock_timeout()
 
     async def aupdate(
@@ -275,7 +301,12 @@ class SharedMemoryCache(BaseCache):
         prepared = self._prepare(prompt, llm_string, return_val)
         if prepared is None:
             engine.end_leases(caller)
-        elif not await engine.aput((prepared,), caller):
+            return
+        try:
+            stored = await engine.aput((prepared,), caller)
+        except ValueError as exc:
+            raise _closed_meanwhile(engine, exc) from None
+        if not stored:
             engine.skip_lock_timeout()
 
     @staticmethod

@@ -289,3 +289,55 @@ def test_pure_python_fallback_passes_the_reader_tests() -> None:
     tail = "\n".join(out.stdout.splitlines()[-15:])
     assert out.returncode == 0, tail
     assert " passed" in tail
+
+
+_CLOSE_RACE = textwrap.dedent(
+    """
+    import sys, threading
+    from langchain_core.outputs import Generation
+    from shmcache import CacheClosedError, SharedMemoryCache
+    big = [Generation(text="z" * 200_000)]  # zlib.crc32 lets go of the GIL for it
+    for round_ in range(int(sys.argv[2])):
+        c = SharedMemoryCache(f"race{round_}", directory=sys.argv[1], size_bytes=4 << 20)
+        c.update("p", "llm", big)
+        hit = threading.Event()
+        errors = []
+        def reader():
+            try:
+                while True:
+                    if c.lookup("p", "llm") is not None:
+                        hit.set()
+            except CacheClosedError:
+                pass
+            except BaseException as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+            finally:
+                hit.set()
+        t = threading.Thread(target=reader, daemon=True)
+        t.start()
+        assert hit.wait(20), "no hit"
+        c.close()
+        t.join(20)
+        assert not t.is_alive(), "the reader did not stop"
+        assert not errors, errors
+    print("ok")
+    """
+)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("pure", [False, True], ids=["compiled", "pure-python"])
+def test_closing_while_another_thread_looks_up(tmp_path: Path, pure: bool) -> None:
+    """close() in one thread while another is looking up: the lookup ends with
+    CacheClosedError, never another error (a released view's ValueError, before)
+    and never a crash (the compiled lookup must not touch the mapping once it was
+    released, which its checksum call — run without the GIL — makes possible)."""
+    if not pure and not _accel.compiled():
+        pytest.skip("the C extension is not built here")
+    env = dict(os.environ, **{_accel.PURE_PYTHON_ENV: "1" if pure else "0"})
+    out = subprocess.run(
+        [sys.executable, "-c", _CLOSE_RACE, str(tmp_path), "150"],
+        env=env, capture_output=True, text=True, timeout=220,
+    )
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    assert out.stdout.strip() == "ok"
