@@ -367,6 +367,20 @@ class Engine(RemoteTierMixin):
 
     # -- helpers ----------------------------------------------------------------
 
+    def closed_meanwhile(self, exc: ValueError) -> ValueError:
+        """The error a front-end raises for a ValueError out of this engine.
+
+        Another thread's :meth:`close` releases the mapping's views while a call may
+        be using them (their use then raises ValueError): that call met a closed
+        cache, so it gets CacheClosedError.  Any other ValueError is returned as is.
+        """
+        if self._mapped is None and not isinstance(exc, CacheClosedError):
+            try:
+                self._open_arena()
+            except CacheClosedError as closed:
+                return closed
+        return exc
+
     def _open_arena(self) -> Arena:
         if self._mapped is None:
             raise CacheClosedError(

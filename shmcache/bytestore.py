@@ -166,19 +166,25 @@ class SharedMemoryByteStore(ByteStore):
         """
         engine = self._engine
         keys = self._key_list(keys)
-        return [
-            engine.get(digest, 0, decode, decode)
-            for digest, decode in zip(self._digests(keys), map(_ValueOf, keys), strict=True)
-        ]
+        try:
+            return [
+                engine.get(digest, 0, decode, decode)
+                for digest, decode in zip(self._digests(keys), map(_ValueOf, keys), strict=True)
+            ]
+        except ValueError as exc:
+            raise engine.closed_meanwhile(exc) from None
 
     async def amget(self, keys: Sequence[str]) -> list[bytes | None]:
         """Async :meth:`mget`: lock-free reads, inline on the event loop."""
         engine = self._engine
         keys = self._key_list(keys)
-        return [
-            await engine.aget(digest, 0, decode, decode)
-            for digest, decode in zip(self._digests(keys), map(_ValueOf, keys), strict=True)
-        ]
+        try:
+            return [
+                await engine.aget(digest, 0, decode, decode)
+                for digest, decode in zip(self._digests(keys), map(_ValueOf, keys), strict=True)
+            ]
+        except ValueError as exc:
+            raise engine.closed_meanwhile(exc) from None
 
     # -- writes ---------------------------------------------------------------------
 
@@ -222,13 +228,21 @@ class SharedMemoryByteStore(ByteStore):
             CacheClosedError: the store was closed.
         """
         items = self._prepare(key_value_pairs)
-        if items and not self._engine.put(items):
+        try:
+            stored = not items or self._engine.put(items)
+        except ValueError as exc:
+            raise self._engine.closed_meanwhile(exc) from None
+        if not stored:
             raise self._engine.timeout_error("write to")
 
     async def amset(self, key_value_pairs: Sequence[tuple[str, bytes]]) -> None:
         """Async :meth:`mset`; waits for the lock without blocking the event loop."""
         items = self._prepare(key_value_pairs)
-        if items and not await self._engine.aput(items):
+        try:
+            stored = not items or await self._engine.aput(items)
+        except ValueError as exc:
+            raise self._engine.closed_meanwhile(exc) from None
+        if not stored:
             raise self._engine.timeout_error("write to")
 
     def mdelete(self, keys: Sequence[str]) -> None:
@@ -240,13 +254,19 @@ class SharedMemoryByteStore(ByteStore):
         """
         digests = self._digests(keys)
         if digests:
-            self._engine.delete(digests)
+            try:
+                self._engine.delete(digests)
+            except ValueError as exc:
+                raise self._engine.closed_meanwhile(exc) from None
 
     async def amdelete(self, keys: Sequence[str]) -> None:
         """Async :meth:`mdelete`."""
         digests = self._digests(keys)
         if digests:
-            await self._engine.adelete(digests)
+            try:
+                await self._engine.adelete(digests)
+            except ValueError as exc:
+                raise self._engine.closed_meanwhile(exc) from None
 
     def clear(self) -> None:
         """Remove every entry, for every process of the host."""

@@ -30,7 +30,7 @@ from ._engine import (
     Engine,
 )
 from ._entries import Prepared
-from ._errors import CacheClosedError, ShmCacheError
+from ._errors import ShmCacheError
 from ._keys import key_digest, llm_string_hash
 from ._segment import check_name, resolve_directory, segment_path
 from ._stats import CacheStats
@@ -43,21 +43,6 @@ _KIND: Final = "llm"
 _BY_SETTINGS: weakref.WeakValueDictionary[tuple[object, ...], SharedMemoryCache] = (
     weakref.WeakValueDictionary()
 )
-
-
-def _closed_meanwhile(engine: Engine, exc: ValueError) -> ValueError:
-    """The error to raise for a ValueError out of the engine.
-
-    Another thread's close() releases the mapping's views while this call may be
-    using them (their use then raises ValueError): that is a closed cache.  Any other
-    ValueError is returned as it is.
-    """
-    if engine.closed and not isinstance(exc, CacheClosedError):
-        try:
-            engine._open_arena()
-        except CacheClosedError as closed:
-            return closed
-    return exc
 
 
 def _check_key(prompt: object, llm_string: object) -> None:
@@ -208,7 +193,7 @@ class SharedMemoryCache(BaseCache):
                 digest, tag, decode_verified, decode_generations
             )
         except ValueError as exc:
-            raise _closed_meanwhile(engine, exc) from None
+            raise engine.closed_meanwhile(exc) from None
         if found is None:
             self._last_miss = (prompt, llm_string, digest)  # update() comes next
         return found
@@ -225,7 +210,7 @@ class SharedMemoryCache(BaseCache):
                 digest, tag, decode_verified, decode_generations
             )
         except ValueError as exc:
-            raise _closed_meanwhile(engine, exc) from None
+            raise engine.closed_meanwhile(exc) from None
         if found is None:
             self._last_miss = (prompt, llm_string, digest)  # aupdate() comes next
         return found
@@ -288,7 +273,7 @@ class SharedMemoryCache(BaseCache):
         try:
             stored = engine.put((prepared,), caller)
         except ValueError as exc:
-            raise _closed_meanwhile(engine, exc) from None
+            raise engine.closed_meanwhile(exc) from None
         if not stored:
             engine.skip_lock_timeout()
 
@@ -305,7 +290,7 @@ class SharedMemoryCache(BaseCache):
         try:
             stored = await engine.aput((prepared,), caller)
         except ValueError as exc:
-            raise _closed_meanwhile(engine, exc) from None
+            raise engine.closed_meanwhile(exc) from None
         if not stored:
             engine.skip_lock_timeout()
 

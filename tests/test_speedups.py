@@ -295,17 +295,32 @@ _CLOSE_RACE = textwrap.dedent(
     """
     import sys, threading
     from langchain_core.outputs import Generation
-    from shmcache import CacheClosedError, SharedMemoryCache
-    big = [Generation(text="z" * 200_000)]  # zlib.crc32 lets go of the GIL for it
-    for round_ in range(int(sys.argv[2])):
-        c = SharedMemoryCache(f"race{round_}", directory=sys.argv[1], size_bytes=4 << 20)
-        c.update("p", "llm", big)
+    from shmcache import CacheClosedError, SharedMemoryByteStore, SharedMemoryCache
+    from shmcache.langgraph import SharedMemoryNodeCache
+    directory, rounds, front_end = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    big_text = "z" * 200_000  # zlib.crc32 lets go of the GIL for it
+
+    def opened(name):
+        if front_end == "llm":
+            c = SharedMemoryCache(name, directory=directory, size_bytes=4 << 20)
+            c.update("p", "llm", [Generation(text=big_text)])
+            return c, lambda: c.lookup("p", "llm") is not None
+        if front_end == "bytes":
+            c = SharedMemoryByteStore(name, directory=directory, size_bytes=4 << 20)
+            c.mset([("k", big_text.encode())])
+            return c, lambda: c.mget(["k"])[0] is not None
+        c = SharedMemoryNodeCache(name, directory=directory, size_bytes=4 << 20)
+        c.set({(("ns",), "k"): (big_text, None)})
+        return c, lambda: bool(c.get([(("ns",), "k")]))
+
+    for round_ in range(rounds):
+        c, hit_once = opened(f"race{round_}")
         hit = threading.Event()
         errors = []
         def reader():
             try:
                 while True:
-                    if c.lookup("p", "llm") is not None:
+                    if hit_once():
                         hit.set()
             except CacheClosedError:
                 pass
@@ -326,8 +341,11 @@ _CLOSE_RACE = textwrap.dedent(
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.parametrize("front_end", ["llm", "bytes", "nodes"])
 @pytest.mark.parametrize("pure", [False, True], ids=["compiled", "pure-python"])
-def test_closing_while_another_thread_looks_up(tmp_path: Path, pure: bool) -> None:
+def test_closing_while_another_thread_looks_up(
+    tmp_path: Path, pure: bool, front_end: str
+) -> None:
     """close() in one thread while another is looking up: the lookup ends with
     CacheClosedError, never another error (a released view's ValueError, before)
     and never a crash (the compiled lookup must not touch the mapping once it was
@@ -336,7 +354,7 @@ def test_closing_while_another_thread_looks_up(tmp_path: Path, pure: bool) -> No
         pytest.skip("the C extension is not built here")
     env = dict(os.environ, **{_accel.PURE_PYTHON_ENV: "1" if pure else "0"})
     out = subprocess.run(
-        [sys.executable, "-c", _CLOSE_RACE, str(tmp_path), "150"],
+        [sys.executable, "-c", _CLOSE_RACE, str(tmp_path), "100", front_end],
         env=env, capture_output=True, text=True, timeout=220,
     )
     assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
