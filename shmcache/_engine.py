@@ -367,19 +367,19 @@ class Engine(RemoteTierMixin):
 
     # -- helpers ----------------------------------------------------------------
 
-    def closed_meanwhile(self, exc: ValueError) -> ValueError:
-        """The error a front-end raises for a ValueError out of this engine.
+    def raise_if_closed(self, exc: ValueError) -> None:
+        """Raise CacheClosedError if ``exc`` came from a close() in another thread.
 
-        Another thread's :meth:`close` releases the mapping's views while a call may
-        be using them (their use then raises ValueError): that call met a closed
-        cache, so it gets CacheClosedError.  Any other ValueError is returned as is.
+        A front-end calls this for a ValueError out of the engine, then re-raises
+        ``exc``: another thread's :meth:`close` releases the mapping's views while a
+        call may be using them (their use then raises ValueError), and that call met
+        a closed cache.  Any other ValueError goes on as it was.
         """
         if self._mapped is None and not isinstance(exc, CacheClosedError):
             try:
                 self._open_arena()
             except CacheClosedError as closed:
-                return closed
-        return exc
+                raise closed from None  # the released view's error is noise here
 
     def _open_arena(self) -> Arena:
         if self._mapped is None:

@@ -172,7 +172,8 @@ class SharedMemoryByteStore(ByteStore):
                 for digest, decode in zip(self._digests(keys), map(_ValueOf, keys), strict=True)
             ]
         except ValueError as exc:
-            raise engine.closed_meanwhile(exc) from None
+            engine.raise_if_closed(exc)
+            raise
 
     async def amget(self, keys: Sequence[str]) -> list[bytes | None]:
         """Async :meth:`mget`: lock-free reads, inline on the event loop."""
@@ -184,7 +185,8 @@ class SharedMemoryByteStore(ByteStore):
                 for digest, decode in zip(self._digests(keys), map(_ValueOf, keys), strict=True)
             ]
         except ValueError as exc:
-            raise engine.closed_meanwhile(exc) from None
+            engine.raise_if_closed(exc)
+            raise
 
     # -- writes ---------------------------------------------------------------------
 
@@ -231,7 +233,8 @@ class SharedMemoryByteStore(ByteStore):
         try:
             stored = not items or self._engine.put(items)
         except ValueError as exc:
-            raise self._engine.closed_meanwhile(exc) from None
+            self._engine.raise_if_closed(exc)
+            raise
         if not stored:
             raise self._engine.timeout_error("write to")
 
@@ -241,7 +244,8 @@ class SharedMemoryByteStore(ByteStore):
         try:
             stored = not items or await self._engine.aput(items)
         except ValueError as exc:
-            raise self._engine.closed_meanwhile(exc) from None
+            self._engine.raise_if_closed(exc)
+            raise
         if not stored:
             raise self._engine.timeout_error("write to")
 
@@ -257,7 +261,8 @@ class SharedMemoryByteStore(ByteStore):
             try:
                 self._engine.delete(digests)
             except ValueError as exc:
-                raise self._engine.closed_meanwhile(exc) from None
+                self._engine.raise_if_closed(exc)
+                raise
 
     async def amdelete(self, keys: Sequence[str]) -> None:
         """Async :meth:`mdelete`."""
@@ -266,7 +271,8 @@ class SharedMemoryByteStore(ByteStore):
             try:
                 await self._engine.adelete(digests)
             except ValueError as exc:
-                raise self._engine.closed_meanwhile(exc) from None
+                self._engine.raise_if_closed(exc)
+                raise
 
     def clear(self) -> None:
         """Remove every entry, for every process of the host."""

@@ -193,7 +193,8 @@ class SharedMemoryCache(BaseCache):
                 digest, tag, decode_verified, decode_generations
             )
         except ValueError as exc:
-            raise engine.closed_meanwhile(exc) from None
+            engine.raise_if_closed(exc)
+            raise
         if found is None:
             self._last_miss = (prompt, llm_string, digest)  # update() comes next
         return found
@@ -210,7 +211,8 @@ class SharedMemoryCache(BaseCache):
                 digest, tag, decode_verified, decode_generations
             )
         except ValueError as exc:
-            raise engine.closed_meanwhile(exc) from None
+            engine.raise_if_closed(exc)
+            raise
         if found is None:
             self._last_miss = (prompt, llm_string, digest)  # aupdate() comes next
         return found
@@ -273,7 +275,8 @@ class SharedMemoryCache(BaseCache):
         try:
             stored = engine.put((prepared,), caller)
         except ValueError as exc:
-            raise engine.closed_meanwhile(exc) from None
+            engine.raise_if_closed(exc)
+            raise
         if not stored:
             engine.skip_lock_timeout()
 
@@ -290,7 +293,8 @@ class SharedMemoryCache(BaseCache):
         try:
             stored = await engine.aput((prepared,), caller)
         except ValueError as exc:
-            raise engine.closed_meanwhile(exc) from None
+            engine.raise_if_closed(exc)
+            raise
         if not stored:
             engine.skip_lock_timeout()
 

@@ -189,7 +189,8 @@ class SharedMemoryNodeCache(BaseCache[ValueT], Generic[ValueT]):
                 if boxed is not None:
                     found[key] = boxed[0]
         except ValueError as exc:
-            raise engine.closed_meanwhile(exc) from None
+            engine.raise_if_closed(exc)
+            raise
         return found
 
     async def aget(self, keys: Sequence[FullKey]) -> dict[FullKey, ValueT]:
@@ -203,7 +204,8 @@ class SharedMemoryNodeCache(BaseCache[ValueT], Generic[ValueT]):
                 if boxed is not None:
                     found[key] = boxed[0]
         except ValueError as exc:
-            raise engine.closed_meanwhile(exc) from None
+            engine.raise_if_closed(exc)
+            raise
         return found
 
     def _prepare(self, pairs: Mapping[FullKey, tuple[ValueT, int | None]]) -> list[Prepared]:
@@ -242,7 +244,8 @@ class SharedMemoryNodeCache(BaseCache[ValueT], Generic[ValueT]):
         try:
             stored = not items or self._engine.put(items)
         except ValueError as exc:
-            raise self._engine.closed_meanwhile(exc) from None
+            self._engine.raise_if_closed(exc)
+            raise
         if not stored:
             self._engine.skip_lock_timeout()
 
@@ -252,7 +255,8 @@ class SharedMemoryNodeCache(BaseCache[ValueT], Generic[ValueT]):
         try:
             stored = not items or await self._engine.aput(items)
         except ValueError as exc:
-            raise self._engine.closed_meanwhile(exc) from None
+            self._engine.raise_if_closed(exc)
+            raise
         if not stored:
             self._engine.skip_lock_timeout()
 

@@ -359,3 +359,16 @@ def test_closing_while_another_thread_looks_up(
     )
     assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
     assert out.stdout.strip() == "ok"
+
+
+def test_only_a_close_turns_a_value_error_into_cache_closed(tmp_path: Path) -> None:
+    from shmcache import CacheClosedError
+
+    c = SharedMemoryCache("vals", directory=tmp_path, size_bytes=1 << 20)
+    engine = c._engine
+    engine.raise_if_closed(ValueError("a caller's own bad value"))  # open: goes on as is
+    c.close()
+    with pytest.raises(CacheClosedError, match="is closed"):
+        engine.raise_if_closed(ValueError("operation forbidden on released memoryview"))
+    already = CacheClosedError("already the right error")
+    engine.raise_if_closed(already)  # the caller re-raises it unchanged
