@@ -237,12 +237,7 @@ class Coalescer:
         if found is not None:
             assert not isinstance(found, Contended)
             return Step("hit", bytes(found))
-        counters = cache._counters
-        counts = (
-            counters.view
-            if pid is not None and counters.pid == pid and counters.view is not None
-            else counters.slot_view()
-        )
+        counts = cache._counters.slot_view(pid)
         if counts is None:
             return Step("uncoalesced")  # no owner slot to name us by
         me = owner_word(cache._resources.slot, int(counts[_arena.SLOT_GENERATION]))

@@ -104,10 +104,13 @@ class Counters:
         """The claimed owner slot, or -1."""
         return self._holder.slot
 
-    def slot_view(self) -> memoryview | None:
-        """This process's owner-slot view, claiming a slot if needed (None: none free)."""
+    def slot_view(self, pid: int | None = None) -> memoryview | None:
+        """This process's owner-slot view, claiming a slot if needed (None: none free).
+
+        ``pid``: this process's pid when the caller already read it in this call.
+        """
         view = self.view
-        if view is not None and self.pid == _getpid():
+        if view is not None and self.pid == (_getpid() if pid is None else pid):
             return view
         if not self.active:
             return None
@@ -143,7 +146,7 @@ class Counters:
         """
         view = self.view
         if view is None or self.pid != (_getpid() if pid is None else pid):
-            view = self.slot_view()
+            view = self.slot_view(pid)
         if view is not None:
             view[slot_word] = (view[slot_word] + 1) & U64_MASK
         elif slot_word == _arena.SLOT_HITS:

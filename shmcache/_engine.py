@@ -642,57 +642,65 @@ class Engine(RemoteTierMixin):
         Raises:
             CacheClosedError: the engine was closed.
         """
-        if self._mapped is None:
-            self._open_arena()  # raises CacheClosedError
-        arena = self._arena
-        found: memoryview | Contended | None = arena.find(digest, time.time())
-        if found is None:
-            if self._coalescer is not None:
-                return self._coalesced_miss(arena, digest, tag, decode, decode_untrusted)
-            if self._remote is not None:
-                return self._drive(
-                    self._remote_flow(arena, digest, tag, None, decode_untrusted)
-                )
-            counters = self._counters
-            counts = counters.view
-            if counts is not None and counters.pid == _getpid():
-                # The common miss, kept short.
-                counts[_arena.SLOT_MISSES] = (counts[_arena.SLOT_MISSES] + 1) & U64_MASK
-                return None
-        elif type(found) is memoryview:
-            # The common hit, kept short: _result does the same with more calls.
-            try:
-                value = decode(found)
-            except CodecError:
-                value = None
-            counters = self._counters
-            counts = counters.view
-            if value is not None and counts is not None and counters.pid == _getpid():
-                counts[_arena.SLOT_HITS] = (counts[_arena.SLOT_HITS] + 1) & U64_MASK
-                return value
-        else:
-            # A writer kept changing this bucket: read under the lock (bounded wait).
-            found = self._run_locked(self._find_repaired, arena, digest)[1]
-        assert not isinstance(found, Contended)
-        return self._result(arena, found, decode)
+        try:
+            if self._mapped is None:
+                self._open_arena()  # raises CacheClosedError
+            arena = self._arena
+            found: memoryview | Contended | None = arena.find(digest, time.time())
+            if found is None:
+                if self._coalescer is not None:
+                    return self._coalesced_miss(arena, digest, tag, decode, decode_untrusted)
+                if self._remote is not None:
+                    return self._drive(
+                        self._remote_flow(arena, digest, tag, None, decode_untrusted)
+                    )
+                counters = self._counters
+                counts = counters.view
+                if counts is not None and counters.pid == _getpid():
+                    # The common miss, kept short.
+                    counts[_arena.SLOT_MISSES] = (counts[_arena.SLOT_MISSES] + 1) & U64_MASK
+                    return None
+            elif type(found) is memoryview:
+                # The common hit, kept short: _result does the same with more calls.
+                try:
+                    value = decode(found)
+                except CodecError:
+                    value = None
+                counters = self._counters
+                counts = counters.view
+                if value is not None and counts is not None and counters.pid == _getpid():
+                    counts[_arena.SLOT_HITS] = (counts[_arena.SLOT_HITS] + 1) & U64_MASK
+                    return value
+            else:
+                # A writer kept changing this bucket: read under the lock (bounded wait).
+                found = self._run_locked(self._find_repaired, arena, digest)[1]
+            assert not isinstance(found, Contended)
+            return self._result(arena, found, decode)
+        except ValueError as exc:
+            self.raise_if_closed(exc)  # close() in another thread released the views
+            raise
 
     async def aget(
         self, digest: bytes, tag: int, decode: Decode, decode_untrusted: Decode
     ) -> Any:
         """Async :meth:`get`: lock-free, so a hit runs inline with no thread hop."""
-        arena = self._open_arena()
-        found: memoryview | Contended | None = arena.find(digest, time.time())
-        if found is None:
-            if self._coalescer is not None:
-                return await self._acoalesced_miss(arena, digest, tag, decode, decode_untrusted)
-            if self._remote is not None:
-                return await self._adrive(
-                    self._remote_flow(arena, digest, tag, None, decode_untrusted)
-                )
-        if found is CONTENDED:
-            found = (await self._arun_locked(self._find_repaired, arena, digest))[1]
-        assert not isinstance(found, Contended)
-        return self._result(arena, found, decode)
+        try:
+            arena = self._open_arena()
+            found: memoryview | Contended | None = arena.find(digest, time.time())
+            if found is None:
+                if self._coalescer is not None:
+                    return await self._acoalesced_miss(arena, digest, tag, decode, decode_untrusted)
+                if self._remote is not None:
+                    return await self._adrive(
+                        self._remote_flow(arena, digest, tag, None, decode_untrusted)
+                    )
+            if found is CONTENDED:
+                found = (await self._arun_locked(self._find_repaired, arena, digest))[1]
+            assert not isinstance(found, Contended)
+            return self._result(arena, found, decode)
+        except ValueError as exc:
+            self.raise_if_closed(exc)  # close() in another thread released the views
+            raise
 
     # -- coalescing ---------------------------------------------------------------
 
@@ -865,33 +873,41 @@ class Engine(RemoteTierMixin):
         Returns:
             False if the lock was not had within ``lock_timeout`` (nothing stored).
         """
-        arena = self._open_arena()
-        pid = _getpid()  # once: the lock, the arena and the lease registry need it
-        if not self._run_locked(self._store_locked, arena, items, caller, pid, pid=pid)[0]:
-            self.end_leases(caller)
-            return False
-        remote = self._remote
-        if remote is not None:  # then the other hosts (bounded by remote_timeout)
-            puts, others = self._remote_put_args(items)
-            for put in puts:
-                remote.put(*put)
-            remote.release(others)
-        return True
+        try:
+            arena = self._open_arena()
+            pid = _getpid()  # once: the lock, the arena and the lease registry need it
+            if not self._run_locked(self._store_locked, arena, items, caller, pid, pid=pid)[0]:
+                self.end_leases(caller)
+                return False
+            remote = self._remote
+            if remote is not None:  # then the other hosts (bounded by remote_timeout)
+                puts, others = self._remote_put_args(items)
+                for put in puts:
+                    remote.put(*put)
+                remote.release(others)
+            return True
+        except ValueError as exc:
+            self.raise_if_closed(exc)  # close() in another thread released the views
+            raise
 
     async def aput(self, items: Sequence[Prepared], caller: CallerKey | None = None) -> bool:
         """Async :meth:`put`; waits for the lock without blocking the event loop."""
-        arena = self._open_arena()
-        if not (await self._arun_locked(self._store_locked, arena, items, caller))[0]:
-            self.end_leases(caller)
-            return False
-        remote = self._remote
-        if remote is not None:  # in a worker thread: the loop never waits for Redis
-            puts, others = self._remote_put_args(items)
-            for put in puts:
-                await remote.run(remote.put, *put)
-            if others:
-                await remote.run(remote.release, others)
-        return True
+        try:
+            arena = self._open_arena()
+            if not (await self._arun_locked(self._store_locked, arena, items, caller))[0]:
+                self.end_leases(caller)
+                return False
+            remote = self._remote
+            if remote is not None:  # in a worker thread: the loop never waits for Redis
+                puts, others = self._remote_put_args(items)
+                for put in puts:
+                    await remote.run(remote.put, *put)
+                if others:
+                    await remote.run(remote.release, others)
+            return True
+        except ValueError as exc:
+            self.raise_if_closed(exc)  # close() in another thread released the views
+            raise
 
     def delete(self, digests: Sequence[bytes]) -> int:
         """Remove the entries of these keys; returns how many there were.
@@ -899,19 +915,27 @@ class Engine(RemoteTierMixin):
         Raises:
             LockTimeoutError: the lock was not had within ``lock_timeout``.
         """
-        arena = self._open_arena()
-        done, removed = self._run_locked(self._delete_locked, arena, digests)
-        if not done:
-            raise self.timeout_error("delete from")
-        return removed or 0
+        try:
+            arena = self._open_arena()
+            done, removed = self._run_locked(self._delete_locked, arena, digests)
+            if not done:
+                raise self.timeout_error("delete from")
+            return removed or 0
+        except ValueError as exc:
+            self.raise_if_closed(exc)  # close() in another thread released the views
+            raise
 
     async def adelete(self, digests: Sequence[bytes]) -> int:
         """Async :meth:`delete`."""
-        arena = self._open_arena()
-        done, removed = await self._arun_locked(self._delete_locked, arena, digests)
-        if not done:
-            raise self.timeout_error("delete from")
-        return removed or 0
+        try:
+            arena = self._open_arena()
+            done, removed = await self._arun_locked(self._delete_locked, arena, digests)
+            if not done:
+                raise self.timeout_error("delete from")
+            return removed or 0
+        except ValueError as exc:
+            self.raise_if_closed(exc)  # close() in another thread released the views
+            raise
 
     def clear(self, tag: int | None = None) -> None:
         """Remove every entry, or with ``tag`` only the entries stored under it.

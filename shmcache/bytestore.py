@@ -166,27 +166,19 @@ class SharedMemoryByteStore(ByteStore):
         """
         engine = self._engine
         keys = self._key_list(keys)
-        try:
-            return [
-                engine.get(digest, 0, decode, decode)
-                for digest, decode in zip(self._digests(keys), map(_ValueOf, keys), strict=True)
-            ]
-        except ValueError as exc:
-            engine.raise_if_closed(exc)
-            raise
+        return [
+            engine.get(digest, 0, decode, decode)
+            for digest, decode in zip(self._digests(keys), map(_ValueOf, keys), strict=True)
+        ]
 
     async def amget(self, keys: Sequence[str]) -> list[bytes | None]:
         """Async :meth:`mget`: lock-free reads, inline on the event loop."""
         engine = self._engine
         keys = self._key_list(keys)
-        try:
-            return [
-                await engine.aget(digest, 0, decode, decode)
-                for digest, decode in zip(self._digests(keys), map(_ValueOf, keys), strict=True)
-            ]
-        except ValueError as exc:
-            engine.raise_if_closed(exc)
-            raise
+        return [
+            await engine.aget(digest, 0, decode, decode)
+            for digest, decode in zip(self._digests(keys), map(_ValueOf, keys), strict=True)
+        ]
 
     # -- writes ---------------------------------------------------------------------
 
@@ -230,23 +222,13 @@ class SharedMemoryByteStore(ByteStore):
             CacheClosedError: the store was closed.
         """
         items = self._prepare(key_value_pairs)
-        try:
-            stored = not items or self._engine.put(items)
-        except ValueError as exc:
-            self._engine.raise_if_closed(exc)
-            raise
-        if not stored:
+        if items and not self._engine.put(items):
             raise self._engine.timeout_error("write to")
 
     async def amset(self, key_value_pairs: Sequence[tuple[str, bytes]]) -> None:
         """Async :meth:`mset`; waits for the lock without blocking the event loop."""
         items = self._prepare(key_value_pairs)
-        try:
-            stored = not items or await self._engine.aput(items)
-        except ValueError as exc:
-            self._engine.raise_if_closed(exc)
-            raise
-        if not stored:
+        if items and not await self._engine.aput(items):
             raise self._engine.timeout_error("write to")
 
     def mdelete(self, keys: Sequence[str]) -> None:
@@ -258,21 +240,13 @@ class SharedMemoryByteStore(ByteStore):
         """
         digests = self._digests(keys)
         if digests:
-            try:
-                self._engine.delete(digests)
-            except ValueError as exc:
-                self._engine.raise_if_closed(exc)
-                raise
+            self._engine.delete(digests)
 
     async def amdelete(self, keys: Sequence[str]) -> None:
         """Async :meth:`mdelete`."""
         digests = self._digests(keys)
         if digests:
-            try:
-                await self._engine.adelete(digests)
-            except ValueError as exc:
-                self._engine.raise_if_closed(exc)
-                raise
+            await self._engine.adelete(digests)
 
     def clear(self) -> None:
         """Remove every entry, for every process of the host."""

@@ -188,13 +188,9 @@ class SharedMemoryCache(BaseCache):
         engine = self._engine
         # The tag matters only to the remote tier (its keys carry it).
         tag = llm_string_hash(llm_string) if self._has_remote else 0
-        try:
-            found: list[Generation] | None = engine.get(
-                digest, tag, decode_verified, decode_generations
-            )
-        except ValueError as exc:
-            engine.raise_if_closed(exc)
-            raise
+        found: list[Generation] | None = engine.get(
+            digest, tag, decode_verified, decode_generations
+        )
         if found is None:
             self._last_miss = (prompt, llm_string, digest)  # update() comes next
         return found
@@ -206,13 +202,9 @@ class SharedMemoryCache(BaseCache):
         digest = key_digest(prompt, llm_string)
         engine = self._engine
         tag = llm_string_hash(llm_string) if self._has_remote else 0
-        try:
-            found: list[Generation] | None = await engine.aget(
-                digest, tag, decode_verified, decode_generations
-            )
-        except ValueError as exc:
-            engine.raise_if_closed(exc)
-            raise
+        found: list[Generation] | None = await engine.aget(
+            digest, tag, decode_verified, decode_generations
+        )
         if found is None:
             self._last_miss = (prompt, llm_string, digest)  # aupdate() comes next
         return found
@@ -271,13 +263,7 @@ class SharedMemoryCache(BaseCache):
         prepared = self._prepare(prompt, llm_string, return_val)
         if prepared is None:
             engine.end_leases(caller)
-            return
-        try:
-            stored = engine.put((prepared,), caller)
-        except ValueError as exc:
-            engine.raise_if_closed(exc)
-            raise
-        if not stored:
+        elif not engine.put((prepared,), caller):
             engine.skip_lock_timeout()
 
     async def aupdate(
@@ -289,13 +275,7 @@ class SharedMemoryCache(BaseCache):
         prepared = self._prepare(prompt, llm_string, return_val)
         if prepared is None:
             engine.end_leases(caller)
-            return
-        try:
-            stored = await engine.aput((prepared,), caller)
-        except ValueError as exc:
-            engine.raise_if_closed(exc)
-            raise
-        if not stored:
+        elif not await engine.aput((prepared,), caller):
             engine.skip_lock_timeout()
 
     @staticmethod

@@ -183,14 +183,10 @@ class SharedMemoryNodeCache(BaseCache[ValueT], Generic[ValueT]):
         engine = self._engine
         decode = self._decode
         found: dict[FullKey, ValueT] = {}
-        try:
-            for key, digest in self._digests(keys):
-                boxed = engine.get(digest, 0, decode, decode)
-                if boxed is not None:
-                    found[key] = boxed[0]
-        except ValueError as exc:
-            engine.raise_if_closed(exc)
-            raise
+        for key, digest in self._digests(keys):
+            boxed = engine.get(digest, 0, decode, decode)
+            if boxed is not None:
+                found[key] = boxed[0]
         return found
 
     async def aget(self, keys: Sequence[FullKey]) -> dict[FullKey, ValueT]:
@@ -198,14 +194,10 @@ class SharedMemoryNodeCache(BaseCache[ValueT], Generic[ValueT]):
         engine = self._engine
         decode = self._decode
         found: dict[FullKey, ValueT] = {}
-        try:
-            for key, digest in self._digests(keys):
-                boxed = await engine.aget(digest, 0, decode, decode)
-                if boxed is not None:
-                    found[key] = boxed[0]
-        except ValueError as exc:
-            engine.raise_if_closed(exc)
-            raise
+        for key, digest in self._digests(keys):
+            boxed = await engine.aget(digest, 0, decode, decode)
+            if boxed is not None:
+                found[key] = boxed[0]
         return found
 
     def _prepare(self, pairs: Mapping[FullKey, tuple[ValueT, int | None]]) -> list[Prepared]:
@@ -241,23 +233,13 @@ class SharedMemoryNodeCache(BaseCache[ValueT], Generic[ValueT]):
             ValueError: a ttl is negative or not finite.
         """
         items = self._prepare(pairs)
-        try:
-            stored = not items or self._engine.put(items)
-        except ValueError as exc:
-            self._engine.raise_if_closed(exc)
-            raise
-        if not stored:
+        if items and not self._engine.put(items):
             self._engine.skip_lock_timeout()
 
     async def aset(self, pairs: Mapping[FullKey, tuple[ValueT, int | None]]) -> None:
         """Async :meth:`set`; waits for the lock without blocking the event loop."""
         items = self._prepare(pairs)
-        try:
-            stored = not items or await self._engine.aput(items)
-        except ValueError as exc:
-            self._engine.raise_if_closed(exc)
-            raise
-        if not stored:
+        if items and not await self._engine.aput(items):
             self._engine.skip_lock_timeout()
 
     @staticmethod
