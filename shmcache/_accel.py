@@ -1,11 +1,13 @@
 """Which fast paths are compiled: the optional ``shmcache._speedups`` extension.
 
-The extension holds C versions of hot, read-only paths (today: the lock-free lookup,
-``Arena.find``) with the exact semantics of their pure-Python twins, which stay the
-reference and run wherever the extension is absent: a machine without a compiler
+The extension holds C versions of hot paths with the exact semantics of their
+pure-Python twins: the lock-free lookup (``Arena.find``) and the common first step of
+a coalesced miss (``Coalescer.claim_fast``: the writer lock tried once, the lookup,
+a free lease entry taken as ``LeaseTable.take`` writes it).  The Python versions stay
+the reference and run wherever the extension is absent: a machine without a compiler
 (the build is optional), a platform the C code does not support, or
 ``SHMCACHE_PURE_PYTHON=1`` in the environment (read once, at import).  Processes
-with and without it share segments freely: both follow one reader protocol.
+with and without it share segments freely: both follow one protocol.
 """
 
 from __future__ import annotations
@@ -36,5 +38,5 @@ else:
 
 
 def compiled() -> bool:
-    """Is the compiled lookup in use in this process?"""
+    """Are the compiled paths in use in this process?"""
     return Finder is not None

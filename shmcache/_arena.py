@@ -468,6 +468,19 @@ class Arena:
             logger.debug("shmcache: compiled lookup not used for this mapping (%s)", exc)
             return None
 
+    def compiled_claim(
+        self, first_word: int, entries: int, window: int
+    ) -> Callable[..., memoryview | int | None] | None:
+        """The compiled coalesced-miss step over this mapping, or None where not built.
+
+        ``first_word``, ``entries``, ``window``: the lease table's layout
+        (``_leases.py``).  See ``Coalescer.claim_fast`` for what it decides.
+        """
+        if self._finder is None:
+            return None
+        self._finder.set_leases(W_LOCK_PID, first_word, entries, window)
+        return self._finder.claim
+
     def _region_of(self, position: int) -> _Region:
         return self._main if position >= _MAIN_BASE else self._small
 

@@ -744,9 +744,13 @@ class Engine(RemoteTierMixin):
         patience = 0
         waited = False
         while True:
-            done, step = self._run_locked(
-                coalescer.step_locked, digest, caller, waited_on, patience, pid, pid=pid
-            )
+            # The first step is usually one compiled call (lock, look, lease).
+            step = coalescer.claim_fast(digest, caller, pid) if waited_on is None else None
+            done = step is not None
+            if step is None:
+                done, step = self._run_locked(
+                    coalescer.step_locked, digest, caller, waited_on, patience, pid, pid=pid
+                )
             if not done or step is None or step.kind == "uncoalesced":
                 if self._mapped is None:
                     return None  # closed by another thread while we waited
@@ -783,18 +787,23 @@ class Engine(RemoteTierMixin):
         """:meth:`_coalesced_miss` for coroutines (waits with ``asyncio.sleep``)."""
         coalescer = self._coalescer
         assert coalescer is not None
-        if self._counters.pid != _getpid():
+        pid = _getpid()
+        if self._counters.pid != pid:
             self._counters.slot_view()
         caller = caller_key()
-        if coalescer.holds(caller, digest):
+        if coalescer.holds(caller, digest, pid):
             return self._settle(None, False, decode)
         waited_on: Lease | None = None
         patience = 0
         waited = False
         while True:
-            done, step = await self._arun_locked(
-                coalescer.step_locked, digest, caller, waited_on, patience
-            )
+            # Never waits for the lock: a busy one sends it to the awaited step.
+            step = coalescer.claim_fast(digest, caller, pid) if waited_on is None else None
+            done = step is not None
+            if step is None:
+                done, step = await self._arun_locked(
+                    coalescer.step_locked, digest, caller, waited_on, patience
+                )
             if not done or step is None or step.kind == "uncoalesced":
                 if self._mapped is None:
                     return None

@@ -29,11 +29,12 @@ from typing import Final, NamedTuple
 
 from . import _arena
 
-__all__ = ["LEASE_ENTRIES", "WINDOW", "Lease", "LeaseTable", "owner_word"]
+__all__ = ["FIRST_WORD", "LEASE_ENTRIES", "WINDOW", "Lease", "LeaseTable", "owner_word"]
 
 _ENTRY_WORDS: Final = 4
-_FIRST_WORD: Final = _arena.LEASE_TABLE_BYTE // 8
-LEASE_ENTRIES: Final = (_arena.HEADER_BYTES // 8 - _FIRST_WORD) // _ENTRY_WORDS
+# _speedups.c (Finder.claim) writes entries with this same layout.
+FIRST_WORD: Final = _arena.LEASE_TABLE_BYTE // 8
+LEASE_ENTRIES: Final = (_arena.HEADER_BYTES // 8 - FIRST_WORD) // _ENTRY_WORDS
 WINDOW: Final = 16
 _TAG: Final = 0
 _OWNER: Final = 1
@@ -80,11 +81,11 @@ class LeaseTable:
     def _window_tags(self, tag: int) -> tuple[int, list[int]]:
         """(first entry, the window's tags) in one strided read."""
         start = (tag >> 1) % (LEASE_ENTRIES - WINDOW + 1)
-        base = _FIRST_WORD + start * _ENTRY_WORDS
+        base = FIRST_WORD + start * _ENTRY_WORDS
         return start, self._words[base : base + WINDOW * _ENTRY_WORDS : _ENTRY_WORDS].tolist()
 
     def _base(self, index: int) -> int:
-        return _FIRST_WORD + (index % LEASE_ENTRIES) * _ENTRY_WORDS
+        return FIRST_WORD + (index % LEASE_ENTRIES) * _ENTRY_WORDS
 
     def find(self, tag: int) -> Lease | None:
         """The live entry for ``tag``, read without the lock; None if there is none."""
@@ -199,7 +200,7 @@ class LeaseTable:
         words = self._words
         found: list[str] = []
         for i in range(LEASE_ENTRIES):
-            base = _FIRST_WORD + i * _ENTRY_WORDS
+            base = FIRST_WORD + i * _ENTRY_WORDS
             tag = words[base + _TAG]
             if not tag:
                 continue

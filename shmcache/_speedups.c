@@ -1,9 +1,12 @@
 /*
- * shmcache._speedups: the lock-free lookup of shmcache/_arena.py (Arena.find) in C.
+ * shmcache._speedups: two hot paths of shmcache in C, the lock-free lookup of
+ * shmcache/_arena.py (Arena.find) and the first step of a coalesced miss.
  *
- * Optional: shmcache runs the same algorithm in pure Python when this module is
+ * Optional: shmcache runs the same algorithms in pure Python when this module is
  * absent (or SHMCACHE_PURE_PYTHON=1), and tests/test_speedups.py checks that both
- * give the same answer for every record state, damaged ones included.  The segment
+ * give the same answer for every record state, damaged ones included
+ * (tests/test_speedups_claim.py: the same lease entry, and every other case left
+ * untouched).  The segment
  * format and the reader protocol are exactly those of _arena.py:
  *
  *   - two candidate buckets per key, 8 tags each (a ghost's tag has the low bit
@@ -15,12 +18,20 @@
  *     digest and crc32 are checked on the copy;
  *   - a hit raises the slot's 2-bit read frequency, test before set.
  *
- * Nothing here writes anything but that frequency byte, and nothing takes a lock.
+ * find() writes nothing but that frequency byte and takes no lock.  claim() is the
+ * common coalesced miss of _coalesce.py (Coalescer.step_locked) in one call: it
+ * tries the writer lock once (flock, never waiting), looks the key up, and when it
+ * is still absent, has no lease, and its lease window has a free entry, takes that
+ * entry exactly as _leases.py's LeaseTable.take writes one.  Every other case (a
+ * busy lock, an existing or lapsed lease, a full window, a bucket left mid-change)
+ * is left, untouched, to the Python step.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <limits.h>
+#include <sys/file.h>
 
 /* Layout constants, as in _arena.py (checked against it at Finder creation). */
 #define BUCKET_WORDS 32
@@ -34,6 +45,12 @@
 #define RECORD_HEADER 72
 #define RECORD_MAGIC 0x31434552u
 #define MAIN_BASE (UINT64_C(1) << 62)
+/* A lease entry's words, as in _leases.py. */
+#define LEASE_ENTRY_WORDS 4
+#define LEASE_TAG 0
+#define LEASE_OWNER 1
+#define LEASE_DEADLINE 2
+#define LEASE_CALLER 3
 
 typedef struct {
     uint64_t tail_word;
@@ -52,6 +69,11 @@ typedef struct {
     Region small;
     PyObject *contended; /* returned when a writer kept changing the bucket */
     PyObject *crc32;     /* zlib.crc32: the value's checksum (the header's is here) */
+    /* The lease table and the lock-holder word, for claim() (0: not set). */
+    uint64_t lock_pid_word;
+    uint64_t lease_first_word;
+    uint64_t lease_entries;
+    uint64_t lease_window;
 } Finder;
 
 static uint32_t crc_table[256];
@@ -242,25 +264,11 @@ read_record(Finder *self, uint64_t position, uint64_t length, const unsigned cha
     return view;
 }
 
+/* The lock-free lookup of one digest: a new reference to the value's memoryview,
+   Py_None (a miss) or the contended marker; NULL with an error set. */
 static PyObject *
-Finder_find(Finder *self, PyObject *const *args, Py_ssize_t nargs)
+find_digest(Finder *self, const unsigned char *digest, double now)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "find(digest, now) takes 2 arguments");
-        return NULL;
-    }
-    if (!self->held) {
-        PyErr_SetString(PyExc_ValueError, "the Finder was released");
-        return NULL;
-    }
-    if (!PyBytes_Check(args[0]) || PyBytes_GET_SIZE(args[0]) != 32) {
-        PyErr_SetString(PyExc_TypeError, "digest must be 32 bytes");
-        return NULL;
-    }
-    double now = PyFloat_AsDouble(args[1]);
-    if (now == -1.0 && PyErr_Occurred())
-        return NULL;
-    const unsigned char *digest = (const unsigned char *)PyBytes_AS_STRING(args[0]);
     unsigned char *mm = (unsigned char *)self->view.buf;
     uint64_t tag = read_u64(digest) | 1;
     uint64_t seed = read_u64(digest + 8), seed2 = read_u64(digest + 16);
@@ -319,6 +327,158 @@ Finder_find(Finder *self, PyObject *const *args, Py_ssize_t nargs)
     return self->contended;
 }
 
+/* The digest argument and a usable mapping, or NULL with an error set. */
+static const unsigned char *
+digest_arg(Finder *self, PyObject *digest)
+{
+    if (!self->held) {
+        PyErr_SetString(PyExc_ValueError, "the Finder was released");
+        return NULL;
+    }
+    if (!PyBytes_Check(digest) || PyBytes_GET_SIZE(digest) != 32) {
+        PyErr_SetString(PyExc_TypeError, "digest must be 32 bytes");
+        return NULL;
+    }
+    return (const unsigned char *)PyBytes_AS_STRING(digest);
+}
+
+static PyObject *
+Finder_find(Finder *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "find(digest, now) takes 2 arguments");
+        return NULL;
+    }
+    const unsigned char *digest = digest_arg(self, args[0]);
+    if (digest == NULL)
+        return NULL;
+    double now = PyFloat_AsDouble(args[1]);
+    if (now == -1.0 && PyErr_Occurred())
+        return NULL;
+    return find_digest(self, digest, now);
+}
+
+static PyObject *
+Finder_set_leases(Finder *self, PyObject *args)
+{
+    unsigned long long lock_pid_word, first_word, entries, window;
+    if (!PyArg_ParseTuple(args, "KKKK", &lock_pid_word, &first_word, &entries, &window))
+        return NULL;
+    if (!self->held) {
+        PyErr_SetString(PyExc_ValueError, "the Finder was released");
+        return NULL;
+    }
+    uint64_t words = (uint64_t)self->view.len / 8;
+    if (window == 0 || entries < window || entries > words || lock_pid_word >= words ||
+        first_word + entries * LEASE_ENTRY_WORDS > words) {
+        PyErr_SetString(PyExc_ValueError, "the lease table does not fit the mapping");
+        return NULL;
+    }
+    self->lock_pid_word = lock_pid_word;
+    self->lease_first_word = first_word;
+    self->lease_entries = entries;
+    self->lease_window = window;
+    Py_RETURN_NONE;
+}
+
+/* Under the writer lock: give a free entry of the key's window to the caller (the
+   words in the order LeaseTable.take writes them, the tag published last).  -1 when
+   the window holds the key already or has no free entry: the Python step decides. */
+static long long
+take_free_lease(Finder *self, uint64_t tag, uint64_t owner, uint64_t deadline,
+                uint64_t caller)
+{
+    uint64_t *words = (uint64_t *)self->view.buf;
+    uint64_t start = (tag >> 1) % (self->lease_entries - self->lease_window + 1);
+    long long found = -1;
+    for (uint64_t i = start; i < start + self->lease_window; i++) {
+        uint64_t t = __atomic_load_n(&words[self->lease_first_word + i * LEASE_ENTRY_WORDS],
+                                     __ATOMIC_ACQUIRE);
+        if (t == tag)
+            return -1; /* another caller's lease (or a lapsed one): wait or take over */
+        if (t == 0 && found < 0)
+            found = (long long)i;
+    }
+    if (found < 0)
+        return -1; /* full: maybe a lapsed entry to reuse */
+    uint64_t *e = &words[self->lease_first_word + (uint64_t)found * LEASE_ENTRY_WORDS];
+    __atomic_store_n(&e[LEASE_OWNER], owner, __ATOMIC_RELAXED);
+    __atomic_store_n(&e[LEASE_DEADLINE], deadline, __ATOMIC_RELAXED);
+    __atomic_store_n(&e[LEASE_CALLER], caller, __ATOMIC_RELAXED);
+    __atomic_store_n(&e[LEASE_TAG], tag, __ATOMIC_RELEASE);
+    return found;
+}
+
+static PyObject *
+Finder_claim(Finder *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError,
+                        "claim(fd, digest, now, owner, deadline_ns, caller, pid) takes 7 "
+                        "arguments");
+        return NULL;
+    }
+    if (self->lease_window == 0) {
+        PyErr_SetString(PyExc_RuntimeError, "claim() needs set_leases() first");
+        return NULL;
+    }
+    long fd = PyLong_AsLong(args[0]);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    if (fd > INT_MAX)
+        fd = -1;
+    const unsigned char *digest = digest_arg(self, args[1]);
+    if (digest == NULL)
+        return NULL;
+    /* The caller's clocks (time.time(), time.monotonic_ns()), so both steps read
+       the same ones. */
+    double now = PyFloat_AsDouble(args[2]);
+    if (now == -1.0 && PyErr_Occurred())
+        return NULL;
+    uint64_t v[4];
+    for (int i = 0; i < 4; i++) {
+        v[i] = PyLong_AsUnsignedLongLong(args[3 + i]);
+        if (v[i] == (uint64_t)-1 && PyErr_Occurred())
+            return NULL;
+    }
+    uint64_t owner = v[0], deadline = v[1], caller = v[2], pid = v[3];
+    if (owner == 0 || pid == 0) {
+        PyErr_SetString(PyExc_ValueError, "claim() needs an owner and a pid");
+        return NULL;
+    }
+    uint64_t tag = read_u64(digest) | 1; /* as _keys.split_digest */
+    /* Never waits: a held lock (or a closed fd) sends the caller to the Python path,
+       which waits with its back-off and deadline. */
+    if (fd < 0 || flock((int)fd, LOCK_EX | LOCK_NB) != 0)
+        Py_RETURN_NONE;
+    /* From here to the unlock no Python code runs but what an allocation's garbage
+       collection may run, and nothing raises in between: an interrupt waits for the
+       return, so the lock is never left held. */
+    uint64_t *words = (uint64_t *)self->view.buf;
+    unsigned char *mm = (unsigned char *)self->view.buf;
+    __atomic_store_n(&words[self->lock_pid_word], pid, __ATOMIC_RELAXED);
+    PyObject *result = find_digest(self, digest, now);
+    if (!self->held || self->view.buf != (void *)mm) {
+        /* close() released the mapping while crc32 ran without the GIL */
+        Py_XDECREF(result);
+        result = NULL;
+        PyErr_SetString(PyExc_ValueError, "the Finder was released");
+    }
+    else if (result == Py_None) {
+        Py_DECREF(result);
+        long long entry = take_free_lease(self, tag, owner, deadline, caller);
+        result = entry < 0 ? Py_NewRef(Py_None) : PyLong_FromLongLong(entry);
+    }
+    else if (result == self->contended) {
+        Py_DECREF(result); /* a dead writer's bucket: the Python step reads it locked */
+        result = Py_NewRef(Py_None);
+    }
+    if (self->held && self->view.buf == (void *)mm)
+        __atomic_store_n(&words[self->lock_pid_word], 0, __ATOMIC_RELAXED);
+    flock((int)fd, LOCK_UN);
+    return result;
+}
+
 static PyObject *
 speedups_crc32(PyObject *module, PyObject *args)
 {
@@ -334,6 +494,11 @@ speedups_crc32(PyObject *module, PyObject *args)
 static PyMethodDef Finder_methods[] = {
     {"find", (PyCFunction)(void (*)(void))Finder_find, METH_FASTCALL,
      "find(digest, now) -> memoryview | None | contended: the lock-free lookup."},
+    {"set_leases", (PyCFunction)Finder_set_leases, METH_VARARGS,
+     "set_leases(lock_pid_word, first_word, entries, window): the lease table's layout."},
+    {"claim", (PyCFunction)(void (*)(void))Finder_claim, METH_FASTCALL,
+     "claim(fd, digest, now, owner, deadline_ns, caller, pid) -> memoryview | int | None: "
+     "the common coalesced miss under the writer lock (None: not decided)."},
     {"release", (PyCFunction)Finder_release, METH_NOARGS,
      "Release the mapping's buffer (before the mapping is closed)."},
     {NULL, NULL, 0, NULL},

@@ -18,6 +18,19 @@ class Finder:
         contended: object,
     ) -> None: ...
     def find(self, digest: bytes, now: float) -> memoryview | object | None: ...
+    def set_leases(
+        self, lock_pid_word: int, first_word: int, entries: int, window: int
+    ) -> None: ...
+    def claim(
+        self,
+        fd: int,
+        digest: bytes,
+        now: float,
+        owner: int,
+        deadline_ns: int,
+        caller: int,
+        pid: int,
+    ) -> memoryview | int | None: ...
     def release(self) -> None: ...
 
 def crc32(data: bytes, start: int = 0) -> int: ...
