@@ -96,7 +96,7 @@ from langchain_core.outputs import (
 )
 from pydantic import BaseModel
 
-from shmcache import _compress
+from shmcache import _accel, _compress
 from shmcache._errors import CodecError, CodecVersionError, ShmCacheError
 
 __all__ = [
@@ -254,8 +254,19 @@ def _check_nested(item: Any, kind: type, depth: int) -> None:
         _check_leaf(item)
 
 
+# The compiled twin of the two checks below (None where not built): a yes ends a
+# top-level check; a no runs the Python one, which finds and names what is wrong.
+_plain_tree: Final = _accel.plain_tree
+
+
 def _check_dict(value: dict[Any, Any], depth: int) -> None:
     """Check a free-form dict: ``str`` keys, plain values, bounded depth."""
+    if (
+        not depth
+        and _plain_tree is not None
+        and _plain_tree(value, 0, MAX_NESTING_DEPTH, TextAccessor)
+    ):
+        return
     if depth >= MAX_NESTING_DEPTH:
         raise _too_deep()
     depth += 1
@@ -277,6 +288,12 @@ def _check_dict(value: dict[Any, Any], depth: int) -> None:
 
 def _check_list(value: list[Any], depth: int) -> None:
     """Check a free-form list: plain items, bounded depth."""
+    if (
+        not depth
+        and _plain_tree is not None
+        and _plain_tree(value, 0, MAX_NESTING_DEPTH, TextAccessor)
+    ):
+        return
     if depth >= MAX_NESTING_DEPTH:
         raise _too_deep()
     depth += 1

@@ -266,15 +266,16 @@ def test_pure_python_and_compiled_processes_share_a_segment(tmp_path: Path) -> N
         assert c.lookup("from-child", LLM) == [Generation(text="child wrote")]
 
 
-# The fallback's own run: the modules that exercise the lock-free reader and the
-# lease step hardest (damage, crash recovery, eviction, hostile input, coalescing)
-# with the C extension turned off.
+# The fallback's own run: the modules that exercise the lock-free reader, the lease
+# step and the codec's checks hardest (damage, crash recovery, eviction, hostile
+# input, coalescing, unstorable values) with the C extension turned off.
 _FALLBACK_MODULES = [
     "tests/test_hardening_damage.py",
     "tests/test_hardening_hostile.py",
     "tests/test_eviction.py",
     "tests/test_cache.py",
     "tests/test_coalesce.py",
+    "tests/test_codec.py",
 ]
 
 
