@@ -5,9 +5,9 @@ pure-Python twins: the lock-free lookup (``Arena.find``), the common first step 
 a coalesced miss (``Coalescer.claim_fast``: the writer lock tried once, the lookup,
 a free lease entry taken as ``LeaseTable.take`` writes it), and the codec's check
 that a free-form dict or list comes back exactly as stored (``plain_tree``: a yes
-ends the check, a no lets the Python check find and name what is wrong).  The Python versions stay
-the reference and run wherever the extension is absent: a machine without a compiler
-(the build is optional), a platform the C code does not support, or
+ends the check, a no lets the Python check find and name what is wrong).  The
+Python versions stay the reference and run wherever the extension is absent: a
+machine without a compiler (the build is optional), a platform the C code does not support, or
 ``SHMCACHE_PURE_PYTHON=1`` in the environment (read once, at import).  Processes
 with and without it share segments freely: both follow one protocol.
 """

@@ -197,6 +197,22 @@ class Coalescer:
 
     # -- the locked decision --------------------------------------------------------
 
+    def _owner_word(self, pid: int | None) -> int | None:
+        """This instance's owner word (None: no owner slot to name us by)."""
+        cache = self._cache
+        counts = cache._counters.slot_view(pid)
+        if counts is None:
+            return None
+        return owner_word(cache._resources.slot, int(counts[_arena.SLOT_GENERATION]))
+
+    def _held_now(
+        self, caller: CallerKey, digest: bytes, held: _Held, pid: int | None
+    ) -> Step:
+        """*Locked.* Note that ``caller`` now holds ``digest``'s lease ``held``."""
+        _registry(self._path, pid).by_caller.setdefault(caller, {})[digest] = held
+        LEASE_CALLER.set(caller)
+        return _OWN
+
     def _owner_alive(self, lease: Lease) -> bool:
         slot = lease.slot
         if not 0 <= slot < _arena.PROCESS_SLOTS:
@@ -241,10 +257,9 @@ class Coalescer:
         if found is not None:
             assert not isinstance(found, Contended)
             return Step("hit", bytes(found))
-        counts = cache._counters.slot_view(pid)
-        if counts is None:
+        me = self._owner_word(pid)
+        if me is None:
             return Step("uncoalesced")  # no owner slot to name us by
-        me = owner_word(cache._resources.slot, int(counts[_arena.SLOT_GENERATION]))
         tag, _ = split_digest(digest)
         now = time.monotonic_ns()
         token = _token(caller)
@@ -262,10 +277,7 @@ class Coalescer:
         )
         if index < 0:
             return Step("uncoalesced")
-        held = _registry(self._path, pid).by_caller
-        held.setdefault(caller, {})[digest] = _Held(index, tag, me, token)
-        LEASE_CALLER.set(caller)
-        return Step("own")
+        return self._held_now(caller, digest, _Held(index, tag, me, token), pid)
 
     def claim_fast(self, digest: bytes, caller: CallerKey, pid: int) -> Step | None:
         """The common first step of a miss in one compiled call, or None.
@@ -281,24 +293,19 @@ class Coalescer:
         claim = self._claim
         if claim is None or _arena.step_hook is not None:
             return None
-        cache = self._cache
-        counts = cache._counters.slot_view(pid)
-        if counts is None:
+        me = self._owner_word(pid)
+        if me is None:
             return None
-        me = owner_word(cache._resources.slot, int(counts[_arena.SLOT_GENERATION]))
         token = _token(caller)
         got = claim(
-            cache._lock.thread_fd(pid), digest, time.time(), me,
+            self._cache._lock.thread_fd(pid), digest, time.time(), me,
             time.monotonic_ns() + self._timeout_ns, token, pid,
         )  # fmt: skip
         if got is None:
             return None
         if type(got) is int:
-            held = _registry(self._path, pid).by_caller
-            tag = int.from_bytes(digest[:8], "little") | 1  # as split_digest
-            held.setdefault(caller, {})[digest] = _Held(got, tag, me, token)
-            LEASE_CALLER.set(caller)
-            return _OWN
+            held = _Held(got, split_digest(digest)[0], me, token)
+            return self._held_now(caller, digest, held, pid)
         assert isinstance(got, memoryview)
         return Step("hit", got)
 

@@ -259,13 +259,18 @@ def _check_nested(item: Any, kind: type, depth: int) -> None:
 _plain_tree: Final = _accel.plain_tree
 
 
-def _check_dict(value: dict[Any, Any], depth: int) -> None:
-    """Check a free-form dict: ``str`` keys, plain values, bounded depth."""
-    if (
+def _compiled_says_plain(value: Any, depth: int) -> bool:
+    """Does the compiled check pass ``value`` (top-level calls only)?"""
+    return (
         not depth
         and _plain_tree is not None
         and _plain_tree(value, 0, MAX_NESTING_DEPTH, TextAccessor)
-    ):
+    )
+
+
+def _check_dict(value: dict[Any, Any], depth: int) -> None:
+    """Check a free-form dict: ``str`` keys, plain values, bounded depth."""
+    if _compiled_says_plain(value, depth):
         return
     if depth >= MAX_NESTING_DEPTH:
         raise _too_deep()
@@ -288,11 +293,7 @@ def _check_dict(value: dict[Any, Any], depth: int) -> None:
 
 def _check_list(value: list[Any], depth: int) -> None:
     """Check a free-form list: plain items, bounded depth."""
-    if (
-        not depth
-        and _plain_tree is not None
-        and _plain_tree(value, 0, MAX_NESTING_DEPTH, TextAccessor)
-    ):
+    if _compiled_says_plain(value, depth):
         return
     if depth >= MAX_NESTING_DEPTH:
         raise _too_deep()

@@ -1,13 +1,14 @@
 /*
- * shmcache._speedups: two hot paths of shmcache in C, the lock-free lookup of
- * shmcache/_arena.py (Arena.find) and the first step of a coalesced miss.
+ * shmcache._speedups: three hot paths of shmcache in C: the lock-free lookup of
+ * shmcache/_arena.py (Arena.find), the first step of a coalesced miss (claim), and
+ * the codec's free-form value check (plain_tree, see _codec.py).
  *
  * Optional: shmcache runs the same algorithms in pure Python when this module is
  * absent (or SHMCACHE_PURE_PYTHON=1), and tests/test_speedups.py checks that both
  * give the same answer for every record state, damaged ones included
  * (tests/test_speedups_claim.py: the same lease entry, and every other case left
- * untouched).  The segment
- * format and the reader protocol are exactly those of _arena.py:
+ * untouched; tests/test_speedups_codec.py: the same verdict on any tree).  The
+ * segment format and the reader protocol are exactly those of _arena.py:
  *
  *   - two candidate buckets per key, 8 tags each (a ghost's tag has the low bit
  *     clear, a live key's tag has it set, so ghosts never match);
