@@ -10,7 +10,8 @@ setup(
     ext_modules=[
         Extension(
             "shmcache._speedups",
-            sources=["shmcache/_speedups.c"],
+            sources=["shmcache/_speedups.c", "shmcache/_speedups_codec.c"],
+            depends=["shmcache/_speedups_codec.h"],
             optional=True,
             extra_compile_args=["-O2", "-std=c11"],
         )

@@ -3,9 +3,11 @@
 The extension holds C versions of hot paths with the exact semantics of their
 pure-Python twins: the lock-free lookup (``Arena.find``), the common first step of
 a coalesced miss (``Coalescer.claim_fast``: the writer lock tried once, the lookup,
-a free lease entry taken as ``LeaseTable.take`` writes it), and the codec's check
+a free lease entry taken as ``LeaseTable.take`` writes it), the codec's check
 that a free-form dict or list comes back exactly as stored (``plain_tree``: a yes
-ends the check, a no lets the Python check find and name what is wrong).  The
+ends the check, a no lets the Python check find and name what is wrong), and the
+hit path's rebuild of objects from an unpacked value (``rebuild``: the common
+shapes; None lets the Python decoder decide and name what is wrong).  The
 Python versions stay the reference and run wherever the extension is absent: a
 machine without a compiler (the build is optional), a platform the C code does not support, or
 ``SHMCACHE_PURE_PYTHON=1`` in the environment (read once, at import).  Processes
@@ -19,7 +21,9 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
-__all__ = ["PURE_PYTHON_ENV", "Finder", "FinderType", "compiled", "plain_tree"]
+__all__ = [
+    "PURE_PYTHON_ENV", "Finder", "FinderType", "compiled", "decode_plain", "plain_tree", "rebuild",
+]
 
 logger = logging.getLogger("shmcache")
 
@@ -32,11 +36,18 @@ else:
 
 Finder: type[FinderType] | None = None
 plain_tree: Callable[[object, int, int, type], bool] | None = None
+_Table = tuple[object, ...]
+rebuild: Callable[[object, _Table, _Table], list[object] | None] | None = None
+decode_plain: (
+    Callable[[object, bytes, Callable[..., object], Callable[..., object], _Table, _Table],
+             list[object] | None]
+    | None
+) = None
 if os.environ.get(PURE_PYTHON_ENV, "") not in ("", "0"):
     logger.debug("shmcache: %s is set, using the pure-Python paths", PURE_PYTHON_ENV)
 else:
     try:
-        from ._speedups import Finder, plain_tree
+        from ._speedups import Finder, decode_plain, plain_tree, rebuild
     except ImportError as exc:  # no compiler at install time, or another platform
         logger.debug("shmcache: compiled paths unavailable (%s); using pure Python", exc)
 

@@ -559,6 +559,39 @@ _MESSAGE_SPECS: Final[dict[type, _ClassSpec]] = {
 _MESSAGE_SPECS_BY_TAG: Final[dict[int, _ClassSpec]] = {
     spec.tag: spec for spec in _MESSAGE_SPECS.values()
 }
+
+
+def _compiled_table(specs_by_tag: dict[int, _ClassSpec]) -> tuple[object, ...]:
+    """The compiled rebuild's view of a tag table (see ``_speedups_codec.c``).
+
+    Index = tag; None where a class is not rebuilt like ``model_construct``, which
+    sends its values to :func:`_rebuild_verified`.  ``masks`` is the spec's own
+    fields-set cache, read (never written) by the C code.
+    """
+    table: list[object] = [None] * (max(specs_by_tag) + 1)
+    for tag, spec in specs_by_tag.items():
+        if not spec.fast_build:
+            continue
+        names = spec.names
+        table[tag] = (
+            spec.cls,
+            names,
+            spec.allows_extra,
+            spec.fields_set_by_mask,
+            tuple(names.index(name) for name in spec.message_fields),
+            names.index("text") if spec.text_mirrors_message else -1,
+            names.index("message") if spec.text_mirrors_message else -1,
+        )
+    return tuple(table)
+
+
+_GENERATION_TABLE: Final = _compiled_table(_GENERATION_SPECS_BY_TAG)
+_MESSAGE_TABLE: Final = _compiled_table(_MESSAGE_SPECS_BY_TAG)
+# The compiled rebuild (None where not built): the objects of the common shapes;
+# None for anything else, which _rebuild_verified then builds or refuses.
+# decode_plain also checks the header and unpacks a plain body (as _unpack does).
+_rebuild: Final = _accel.rebuild
+_decode_plain: Final = _accel.decode_plain
 _LAYOUT_DIGEST: Final[bytes] = _layout_digest(
     [*_GENERATION_SPECS.values(), *_MESSAGE_SPECS.values()]
 )
@@ -865,7 +898,17 @@ def decode_verified(data: bytes | memoryview) -> list[Generation]:
             it was written under another format or langchain-core field layout.
     """
     try:
+        if _decode_plain is not None:
+            built = _decode_plain(
+                data, _HEADER, msgpack.unpackb, _reject_ext, _GENERATION_TABLE, _MESSAGE_TABLE
+            )
+            if built is not None:
+                return built  # type: ignore[return-value]
         payload = _unpack(data)
+        if _rebuild is not None:
+            built = _rebuild(payload, _GENERATION_TABLE, _MESSAGE_TABLE)
+            if built is not None:
+                return built  # type: ignore[return-value]
         return [_rebuild_verified(item, _GENERATION_SPECS_BY_TAG) for item in payload]  # type: ignore[misc]
     except CodecError:
         raise

@@ -1,13 +1,15 @@
 /*
- * shmcache._speedups: three hot paths of shmcache in C: the lock-free lookup of
- * shmcache/_arena.py (Arena.find), the first step of a coalesced miss (claim), and
- * the codec's free-form value check (plain_tree, see _codec.py).
+ * shmcache._speedups: hot paths of shmcache in C: the lock-free lookup of
+ * shmcache/_arena.py (Arena.find) and the first step of a coalesced miss (claim)
+ * here; the codec's free-form value check and hit-path rebuild (plain_tree,
+ * rebuild) in _speedups_codec.c, registered with this module.
  *
  * Optional: shmcache runs the same algorithms in pure Python when this module is
  * absent (or SHMCACHE_PURE_PYTHON=1), and tests/test_speedups.py checks that both
  * give the same answer for every record state, damaged ones included
  * (tests/test_speedups_claim.py: the same lease entry, and every other case left
- * untouched; tests/test_speedups_codec.py: the same verdict on any tree).  The
+ * untouched; tests/test_speedups_codec.py and test_speedups_rebuild.py: the same
+ * verdict on any tree, the same objects from any payload).  The
  * segment format and the reader protocol are exactly those of _arena.py:
  *
  *   - two candidate buckets per key, 8 tags each (a ghost's tag has the low bit
@@ -33,6 +35,8 @@
 #include <string.h>
 #include <limits.h>
 #include <sys/file.h>
+
+#include "_speedups_codec.h"
 
 /* Layout constants, as in _arena.py (checked against it at Finder creation). */
 #define BUCKET_WORDS 32
@@ -492,90 +496,6 @@ speedups_crc32(PyObject *module, PyObject *args)
     return PyLong_FromUnsignedLong(crc);
 }
 
-/* _codec.py's free-form checks (_check_dict / _check_list): does every value of the
-   tree come back exactly as stored?  1 yes, 0 no (the Python check then says why),
-   -1 with an error set.  Calls no Python code, so the tree cannot change meanwhile. */
-static int
-plain_tree(PyObject *v, long depth, long max_depth, PyTypeObject *text_type)
-{
-    if (PyDict_CheckExact(v)) {
-        if (depth >= max_depth) /* containers only, as in _check_dict */
-            return 0;
-        Py_ssize_t pos = 0;
-        PyObject *key, *item;
-        while (PyDict_Next(v, &pos, &key, &item)) {
-            if (!PyUnicode_CheckExact(key) && !Py_IS_TYPE(key, text_type))
-                return 0;
-            int ok = plain_tree(item, depth + 1, max_depth, text_type);
-            if (ok != 1)
-                return ok;
-        }
-        return 1;
-    }
-    if (PyList_CheckExact(v)) {
-        if (depth >= max_depth)
-            return 0;
-        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(v); i++) {
-            int ok = plain_tree(PyList_GET_ITEM(v, i), depth + 1, max_depth, text_type);
-            if (ok != 1)
-                return ok;
-        }
-        return 1;
-    }
-    if (v == Py_None || PyBool_Check(v) || PyUnicode_CheckExact(v) || PyBytes_CheckExact(v) ||
-        Py_IS_TYPE(v, text_type))
-        return 1;
-    if (PyLong_CheckExact(v)) { /* msgpack stores -2**63 .. 2**64 - 1 */
-        int overflow;
-        PyLong_AsLongLongAndOverflow(v, &overflow);
-        if (overflow == 0)
-            return 1;
-        if (overflow < 0)
-            return 0;
-        PyLong_AsUnsignedLongLong(v);
-        if (PyErr_Occurred()) {
-            if (!PyErr_ExceptionMatches(PyExc_OverflowError))
-                return -1;
-            PyErr_Clear();
-            return 0;
-        }
-        return 1;
-    }
-    if (PyFloat_CheckExact(v)) {
-        double d = PyFloat_AS_DOUBLE(v);
-        return d == d; /* NaN never equals itself */
-    }
-    return 0;
-}
-
-static PyObject *
-speedups_plain_tree(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError,
-                        "plain_tree(value, depth, max_depth, text_type) takes 4 arguments");
-        return NULL;
-    }
-    long depth = PyLong_AsLong(args[1]);
-    if (depth == -1 && PyErr_Occurred())
-        return NULL;
-    long max_depth = PyLong_AsLong(args[2]);
-    if (max_depth == -1 && PyErr_Occurred())
-        return NULL;
-    if (depth < 0 || max_depth < 0 || max_depth > 1000) {
-        PyErr_SetString(PyExc_ValueError, "depth must be >= 0 and max_depth in 0..1000");
-        return NULL;
-    }
-    if (!PyType_Check(args[3])) {
-        PyErr_SetString(PyExc_TypeError, "text_type must be a type");
-        return NULL;
-    }
-    int ok = plain_tree(args[0], depth, max_depth, (PyTypeObject *)args[3]);
-    if (ok < 0)
-        return NULL;
-    return PyBool_FromLong(ok);
-}
-
 static PyMethodDef Finder_methods[] = {
     {"find", (PyCFunction)(void (*)(void))Finder_find, METH_FASTCALL,
      "find(digest, now) -> memoryview | None | contended: the lock-free lookup."},
@@ -602,9 +522,6 @@ static PyTypeObject FinderType = {
 };
 
 static PyMethodDef module_methods[] = {
-    {"plain_tree", (PyCFunction)(void (*)(void))speedups_plain_tree, METH_FASTCALL,
-     "plain_tree(value, depth, max_depth, text_type) -> bool: would _codec.py's "
-     "free-form check of value pass (False: the Python check says why)."},
     {"crc32", speedups_crc32, METH_VARARGS,
      "crc32(data, start=0): the table CRC-32 used for record headers (= zlib.crc32)."},
     {NULL, NULL, 0, NULL},
@@ -622,9 +539,15 @@ PyInit__speedups(void)
     crc_init();
     if (PyType_Ready(&FinderType) < 0)
         return NULL;
+    if (speedups_codec_init() < 0)
+        return NULL;
     PyObject *m = PyModule_Create(&speedups_module);
     if (m == NULL)
         return NULL;
+    if (PyModule_AddFunctions(m, speedups_codec_methods) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     Py_INCREF(&FinderType);
     if (PyModule_AddObject(m, "Finder", (PyObject *)&FinderType) < 0) {
         Py_DECREF(&FinderType);

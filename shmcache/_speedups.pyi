@@ -1,6 +1,7 @@
 """Types of the optional C extension (shmcache/_speedups.c)."""
 
 import mmap
+from collections.abc import Callable
 
 RECORD_HEADER_BYTES: int
 BUCKET_WORDS: int
@@ -35,3 +36,14 @@ class Finder:
 
 def crc32(data: bytes, start: int = 0) -> int: ...
 def plain_tree(value: object, depth: int, max_depth: int, text_type: type) -> bool: ...
+def rebuild(
+    payload: object, generation_table: tuple[object, ...], message_table: tuple[object, ...]
+) -> list[object] | None: ...
+def decode_plain(
+    data: object,
+    header: bytes,
+    unpackb: Callable[..., object],
+    ext_hook: Callable[..., object],
+    generation_table: tuple[object, ...],
+    message_table: tuple[object, ...],
+) -> list[object] | None: ...
