@@ -434,6 +434,20 @@ _CHECKS_BY_FIELD: Final[dict[str, _Check]] = {
 }
 
 
+# The compiled encoder's name for each check (the order of _speedups_codec.c).
+_COMPILED_KINDS: Final[dict[_Check, int]] = {
+    check: code
+    for code, check in enumerate(
+        (_check_str, _check_optional_str, _check_free_dict, _check_optional_free_dict,
+         _check_dict_list, _check_content, _check_any)
+    )
+}  # fmt: skip
+_KIND_LITERAL: Final = 7
+_KIND_MESSAGE: Final = 8
+for _field_check in _CHECKS_BY_FIELD.values():
+    assert _field_check in _COMPILED_KINDS, _field_check  # a new check needs a C twin
+
+
 # --------------------------------------------------------------------------- schema
 
 
@@ -464,6 +478,8 @@ class _ClassSpec:
     # ChatGeneration-like: ``text`` mirrors ``message.content`` and is not stored
     # twice; its slot holds nil then (a 1 KB answer would otherwise take 2 KB).
     text_mirrors_message: bool = False
+    # Each field's check as the compiled encoder names it: (code, argument).
+    compiled_kinds: tuple[tuple[int, object], ...] = ()
 
     def __post_init__(self) -> None:
         self.width = 3 + len(self.names)
@@ -507,18 +523,22 @@ def _build_spec(tag: int, cls: type[BaseModel]) -> _ClassSpec:
     message_fields: list[str] = []
     mirrors = "text" in cls.model_fields and "message" in cls.model_fields
     layout = [f"{tag}:{cls.__name__}:{cls.model_config.get('extra')}"]
+    compiled_kinds: list[tuple[int, object]] = []
     for name, info in cls.model_fields.items():
         annotation = info.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseMessage):
             encode, decode = _message_field_checks(annotation)
             message_fields.append(name)
             kind = f"message[{annotation.__name__}]"
+            compiled_kinds.append((_KIND_MESSAGE, annotation))
         elif (allowed := _literal_values(annotation)) is not None:
             encode = decode = _literal_check(allowed)
             kind = f"literal{sorted(allowed, key=repr)}"
+            compiled_kinds.append((_KIND_LITERAL, allowed))
         else:
             encode = decode = _CHECKS_BY_FIELD.get(name, _check_any)
             kind = encode.__name__
+            compiled_kinds.append((_COMPILED_KINDS[encode], None))
         encoders.append(encode)
         decoders.append(_check_optional_str if mirrors and name == "text" else decode)
         layout.append(f"{name}={kind}")
@@ -533,6 +553,7 @@ def _build_spec(tag: int, cls: type[BaseModel]) -> _ClassSpec:
         layout=",".join(layout) + (",text=mirror" if mirrors else ""),
         message_fields=tuple(message_fields),
         text_mirrors_message=mirrors,
+        compiled_kinds=tuple(compiled_kinds),
         fast_build=(
             not cls.__pydantic_post_init__
             and not cls.__private_attributes__
@@ -585,6 +606,28 @@ def _compiled_table(specs_by_tag: dict[int, _ClassSpec]) -> tuple[object, ...]:
     return tuple(table)
 
 
+
+
+def _compiled_encoders(specs: dict[type, _ClassSpec]) -> dict[type, tuple[object, ...]]:
+    """The compiled encoder's view of a class table (see ``_speedups_codec.c``)."""
+    return {
+        cls: (
+            spec.tag,
+            spec.names,
+            spec.compiled_kinds,
+            spec.names.index("text") if spec.text_mirrors_message else -1,
+            spec.names.index("message") if spec.text_mirrors_message else -1,
+        )
+        for cls, spec in specs.items()
+    }
+
+
+_GENERATION_ENCODERS: Final = _compiled_encoders(_GENERATION_SPECS)
+_MESSAGE_ENCODERS: Final = _compiled_encoders(_MESSAGE_SPECS)
+# The compiled encoder (None where not built): the payload of the common shapes
+# (no TextAccessor, extras or private attributes, every check passed); None for
+# anything else, which _encode_object then writes or refuses, naming the problem.
+_flatten: Final = _accel.flatten
 _GENERATION_TABLE: Final = _compiled_table(_GENERATION_SPECS_BY_TAG)
 _MESSAGE_TABLE: Final = _compiled_table(_MESSAGE_SPECS_BY_TAG)
 # The compiled rebuild (None where not built): the objects of the common shapes;
@@ -705,6 +748,23 @@ def _pack(payload: list[Any]) -> bytes:
         )
 
 
+def _python_payload(generations: Sequence[Generation]) -> list[Any]:
+    """The payload of :func:`encode_generations`, every field checked in Python."""
+    payload: list[Any] = []
+    for index, generation in enumerate(generations):
+        root = f"generations[{index}]"
+        spec = _GENERATION_SPECS.get(type(generation))
+        try:
+            if spec is None:
+                raise _Invalid(_unsupported_class(generation, _GENERATION_SPECS))
+            payload.append(_encode_object(generation, spec))
+        except _Invalid as exc:
+            raise UnencodableValueError(exc.describe(root)) from None
+        except RecursionError:
+            raise UnencodableValueError(f"{root} is nested too deeply to encode") from None
+    return payload
+
+
 def encode_generations(generations: Sequence[Generation], *, compress: bool = True) -> bytes:
     """Encode the generations LangChain hands to ``BaseCache.update``.
 
@@ -732,18 +792,13 @@ def encode_generations(generations: Sequence[Generation], *, compress: bool = Tr
         )
     if not generations:
         raise UnencodableValueError("the value is an empty sequence; there is nothing to store")
-    payload: list[Any] = []
-    for index, generation in enumerate(generations):
-        root = f"generations[{index}]"
-        spec = _GENERATION_SPECS.get(type(generation))
-        try:
-            if spec is None:
-                raise _Invalid(_unsupported_class(generation, _GENERATION_SPECS))
-            payload.append(_encode_object(generation, spec))
-        except _Invalid as exc:
-            raise UnencodableValueError(exc.describe(root)) from None
-        except RecursionError:
-            raise UnencodableValueError(f"{root} is nested too deeply to encode") from None
+    payload: list[Any] | None = None
+    if _flatten is not None:
+        payload = _flatten(
+            generations, _GENERATION_ENCODERS, _MESSAGE_ENCODERS, TextAccessor, MAX_NESTING_DEPTH
+        )
+    if payload is None:
+        payload = _python_payload(generations)
     try:
         body = _pack(payload)
     except (TypeError, ValueError, OverflowError) as exc:

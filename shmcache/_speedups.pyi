@@ -1,7 +1,7 @@
 """Types of the optional C extension (shmcache/_speedups.c)."""
 
 import mmap
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 RECORD_HEADER_BYTES: int
 BUCKET_WORDS: int
@@ -46,4 +46,11 @@ def decode_plain(
     ext_hook: Callable[..., object],
     generation_table: tuple[object, ...],
     message_table: tuple[object, ...],
+) -> list[object] | None: ...
+def flatten(
+    generations: object,
+    generation_encoders: Mapping[type, object],
+    message_encoders: Mapping[type, object],
+    text_type: type,
+    max_depth: int,
 ) -> list[object] | None: ...

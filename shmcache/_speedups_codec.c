@@ -428,6 +428,336 @@ speedups_decode_plain(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return built;
 }
 
+/* --------------------------------------------------------------------- flatten */
+
+/* An encoder entry (_codec.py's _compiled_encoders builds them):
+   (tag, names, kinds, text_slot, mirror_slot); kinds[i] = (code, arg). */
+enum { ENC_TAG, ENC_NAMES, ENC_KINDS, ENC_TEXT_SLOT, ENC_MIRROR_SLOT, ENC_LEN };
+/* A field's check, as _codec.py's _CHECKS_BY_FIELD and _build_spec choose it. */
+enum {
+    KIND_STR, KIND_OPT_STR, KIND_FREE_DICT, KIND_OPT_FREE_DICT, KIND_DICT_LIST,
+    KIND_CONTENT, KIND_ANY, KIND_LITERAL, KIND_MESSAGE, KIND_COUNT
+};
+#define MAX_NESTING 100 /* _codec.MAX_NESTING_DEPTH, passed in and checked */
+
+typedef struct {
+    PyObject *specs[PAYLOAD_LEVELS]; /* type -> encoder entry, per level */
+    PyTypeObject *text_type;
+    long max_depth;
+} Encoding;
+
+/* Does the field's value pass its check?  1 yes, 0 no (Python decides), -1 error. */
+static int
+field_passes(PyObject *v, long code, PyObject *arg, const Encoding *enc)
+{
+    switch (code) {
+    case KIND_OPT_STR:
+        if (v == Py_None)
+            return 1;
+        /* fall through */
+    case KIND_STR: /* a TextAccessor is stored as the str it is (see kept_value) */
+        return PyUnicode_CheckExact(v) || Py_IS_TYPE(v, enc->text_type);
+    case KIND_OPT_FREE_DICT:
+        if (v == Py_None)
+            return 1;
+        /* fall through */
+    case KIND_FREE_DICT:
+        if (!PyDict_CheckExact(v))
+            return 0;
+        return PyDict_GET_SIZE(v) == 0 ? 1 : plain_tree(v, 0, enc->max_depth, enc->text_type);
+    case KIND_DICT_LIST:
+        if (!PyList_CheckExact(v))
+            return 0;
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(v); i++)
+            if (!PyDict_CheckExact(PyList_GET_ITEM(v, i)))
+                return 0;
+        return plain_tree(v, 0, enc->max_depth, enc->text_type);
+    case KIND_CONTENT:
+        if (PyUnicode_CheckExact(v))
+            return 1;
+        if (!PyList_CheckExact(v))
+            return 0;
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(v); i++) {
+            PyObject *item = PyList_GET_ITEM(v, i);
+            if (!PyUnicode_CheckExact(item) && !PyDict_CheckExact(item))
+                return 0;
+        }
+        return plain_tree(v, 0, enc->max_depth, enc->text_type);
+    case KIND_ANY:
+        return plain_tree(v, 0, enc->max_depth, enc->text_type);
+    case KIND_LITERAL:
+        if (v != Py_None && !PyUnicode_CheckExact(v))
+            return 0;
+        return PySet_Contains(arg, v);
+    default:
+        return 0;
+    }
+}
+
+/* What a passed check returns, as _codec.py's checks do: the value itself, but a
+   TextAccessor in a str field as a plain str (str.__str__ of it). */
+static PyObject *
+kept_value(PyObject *v, long code, const Encoding *enc)
+{
+    if ((code == KIND_STR || code == KIND_OPT_STR) && Py_IS_TYPE(v, enc->text_type))
+        return PyUnicode_FromObject(v);
+    return Py_NewRef(v);
+}
+
+static PyObject *flatten_one(PyObject *obj, const Encoding *enc, int level, Outcome *outcome);
+
+/* Is a truthy slot of the object (extras, private attributes) set?  1, 0, -1 error. */
+static int
+slot_is_set(PyObject *obj, PyObject *name)
+{
+    PyObject *value = PyObject_GetAttr(obj, name);
+    if (value == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+            return -1;
+        PyErr_Clear();
+        return 0;
+    }
+    int set = PyObject_IsTrue(value);
+    Py_DECREF(value);
+    return set;
+}
+
+/* The fields-set mask over names (no extras here, so no extras bit). */
+static int
+fields_mask(PyObject *obj, PyObject *names, long long *mask)
+{
+    PyObject *fields_set = PyObject_GetAttr(obj, s_fields_set);
+    if (fields_set == NULL)
+        return -1;
+    int ok = 0;
+    *mask = 0;
+    if (PyAnySet_Check(fields_set)) {
+        ok = 1;
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(names) && ok == 1; i++) {
+            int has = PySet_Contains(fields_set, PyTuple_GET_ITEM(names, i));
+            if (has < 0)
+                ok = -1;
+            else if (has)
+                *mask |= 1LL << i;
+        }
+    }
+    Py_DECREF(fields_set);
+    return ok;
+}
+
+/* Does the ChatGeneration-like text equal its message's str content (stored as nil)?
+   As _encode_object: the object's own text and message, compared after the checks. */
+static int
+text_mirrors(PyObject *values, PyObject *names, Py_ssize_t text_slot, Py_ssize_t mirror)
+{
+    PyObject *message = PyDict_GetItemWithError(values, PyTuple_GET_ITEM(names, mirror));
+    PyObject *text = PyDict_GetItemWithError(values, PyTuple_GET_ITEM(names, text_slot));
+    if (message == NULL || text == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    PyObject *content = PyObject_GetAttr(message, s_content);
+    if (content == NULL)
+        return -1;
+    int same = PyUnicode_CheckExact(content) ? PyObject_RichCompareBool(text, content, Py_EQ) : 0;
+    Py_DECREF(content);
+    return same;
+}
+
+/* [tag, mask, None, *fields] of one object, as _encode_object writes it; NULL: outcome. */
+static PyObject *
+flatten_one(PyObject *obj, const Encoding *enc, int level, Outcome *outcome)
+{
+    *outcome = FAILED;
+    PyObject *spec = PyDict_GetItemWithError(enc->specs[level], (PyObject *)Py_TYPE(obj));
+    if (spec == NULL) {
+        if (!PyErr_Occurred())
+            *outcome = DECLINED;
+        return NULL;
+    }
+    if (!PyTuple_CheckExact(spec) || PyTuple_GET_SIZE(spec) != ENC_LEN) {
+        PyErr_SetString(PyExc_TypeError, "an encoder entry is (tag, names, kinds, text_slot, "
+                                         "mirror_slot)");
+        return NULL;
+    }
+    PyObject *names = PyTuple_GET_ITEM(spec, ENC_NAMES);
+    PyObject *kinds = PyTuple_GET_ITEM(spec, ENC_KINDS);
+    Py_ssize_t n = PyTuple_GET_SIZE(names);
+    int extra = slot_is_set(obj, s_extra), private = extra < 0 ? -1 : slot_is_set(obj, s_private);
+    if (extra < 0 || private < 0)
+        return NULL;
+    long long mask;
+    int masked = (extra || private) ? 0 : fields_mask(obj, names, &mask);
+    if (masked <= 0) {
+        if (masked == 0)
+            *outcome = DECLINED;
+        return NULL;
+    }
+    PyObject *values = PyObject_GetAttr(obj, s_dict);
+    if (values == NULL)
+        return NULL;
+    PyObject *out = NULL;
+    if (!PyDict_Check(values)) {
+        *outcome = DECLINED;
+        goto done;
+    }
+    out = PyList_New(3 + n);
+    if (out == NULL)
+        goto done;
+    PyList_SET_ITEM(out, 0, Py_NewRef(PyTuple_GET_ITEM(spec, ENC_TAG)));
+    PyObject *mask_obj = PyLong_FromLongLong(mask);
+    if (mask_obj == NULL)
+        goto fail;
+    PyList_SET_ITEM(out, 1, mask_obj);
+    PyList_SET_ITEM(out, 2, Py_NewRef(Py_None));
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *value = PyDict_GetItemWithError(values, PyTuple_GET_ITEM(names, i));
+        PyObject *kind = PyTuple_GET_ITEM(kinds, i);
+        if (value == NULL) {
+            if (!PyErr_Occurred())
+                *outcome = DECLINED; /* a field with no value: Python says which */
+            goto fail;
+        }
+        long code = PyLong_AsLong(PyTuple_GET_ITEM(kind, 0));
+        PyObject *arg = PyTuple_GET_ITEM(kind, 1);
+        if (code == KIND_MESSAGE) {
+            int is = level + 1 < PAYLOAD_LEVELS ? PyObject_IsInstance(value, arg) : 0;
+            if (is <= 0) {
+                *outcome = is < 0 ? FAILED : DECLINED;
+                goto fail;
+            }
+            PyObject *nested = flatten_one(value, enc, level + 1, outcome);
+            if (nested == NULL)
+                goto fail;
+            PyList_SET_ITEM(out, 3 + i, nested);
+            continue;
+        }
+        int ok = field_passes(value, code, arg, enc);
+        if (ok <= 0) {
+            *outcome = ok < 0 ? FAILED : DECLINED;
+            goto fail;
+        }
+        PyObject *kept = kept_value(value, code, enc);
+        if (kept == NULL)
+            goto fail;
+        PyList_SET_ITEM(out, 3 + i, kept);
+    }
+    Py_ssize_t text_slot = PyLong_AsSsize_t(PyTuple_GET_ITEM(spec, ENC_TEXT_SLOT));
+    if (text_slot >= 0) {
+        Py_ssize_t mirror = PyLong_AsSsize_t(PyTuple_GET_ITEM(spec, ENC_MIRROR_SLOT));
+        int same = text_mirrors(values, names, text_slot, mirror);
+        if (same < 0)
+            goto fail;
+        if (same && PyList_SetItem(out, 3 + text_slot, Py_NewRef(Py_None)) < 0)
+            goto fail;
+    }
+    *outcome = BUILT;
+    goto done;
+fail:
+    Py_CLEAR(out);
+done:
+    Py_DECREF(values);
+    return out;
+}
+
+/* A kinds tuple must name a known check per field, with a frozenset for a literal
+   and a type for a message: checked once per entry object, like the rebuild tables. */
+static int
+check_encoders(PyObject *specs)
+{
+    Py_ssize_t pos = 0;
+    PyObject *cls, *spec;
+    while (PyDict_Next(specs, &pos, &cls, &spec)) {
+        if (!PyType_Check(cls) || !PyTuple_CheckExact(spec) || PyTuple_GET_SIZE(spec) != ENC_LEN)
+            return -1;
+        PyObject *names = PyTuple_GET_ITEM(spec, ENC_NAMES);
+        PyObject *kinds = PyTuple_GET_ITEM(spec, ENC_KINDS);
+        if (!PyLong_CheckExact(PyTuple_GET_ITEM(spec, ENC_TAG)) || !PyTuple_CheckExact(names) ||
+            PyTuple_GET_SIZE(names) > MAX_FIELDS || !PyTuple_CheckExact(kinds) ||
+            PyTuple_GET_SIZE(kinds) != PyTuple_GET_SIZE(names))
+            return -1;
+        Py_ssize_t n = PyTuple_GET_SIZE(names);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *kind = PyTuple_GET_ITEM(kinds, i);
+            if (!PyUnicode_CheckExact(PyTuple_GET_ITEM(names, i)) || !PyTuple_CheckExact(kind) ||
+                PyTuple_GET_SIZE(kind) != 2 || !PyLong_CheckExact(PyTuple_GET_ITEM(kind, 0)))
+                return -1;
+            long code = PyLong_AsLong(PyTuple_GET_ITEM(kind, 0));
+            PyObject *arg = PyTuple_GET_ITEM(kind, 1);
+            if (code < 0 || code >= KIND_COUNT ||
+                (code == KIND_LITERAL && !PyFrozenSet_CheckExact(arg)) ||
+                (code == KIND_MESSAGE && !PyType_Check(arg)))
+                return -1;
+        }
+        Py_ssize_t text = PyLong_AsSsize_t(PyTuple_GET_ITEM(spec, ENC_TEXT_SLOT));
+        Py_ssize_t mirror = PyLong_AsSsize_t(PyTuple_GET_ITEM(spec, ENC_MIRROR_SLOT));
+        if (PyErr_Occurred() || text < -1 || text >= n || (text >= 0 && (mirror < 0 || mirror >= n)))
+            return -1;
+    }
+    return 0;
+}
+
+static PyObject *checked_encoders[PAYLOAD_LEVELS];
+
+static int
+check_encoders_once(PyObject *specs, int which)
+{
+    if (specs == checked_encoders[which])
+        return 0;
+    if (!PyDict_CheckExact(specs) || check_encoders(specs) < 0) {
+        PyErr_Clear();
+        PyErr_SetString(PyExc_TypeError,
+                        "an encoder table is a dict of type -> (tag, names, kinds, text_slot, "
+                        "mirror_slot), kinds a (code, arg) per field");
+        return -1;
+    }
+    Py_XSETREF(checked_encoders[which], Py_NewRef(specs));
+    return 0;
+}
+
+/* flatten(generations, generation_encoders, message_encoders, text_type, max_depth):
+   the payload encode_generations packs, for the common shapes; None: Python decides. */
+static PyObject *
+speedups_flatten(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "flatten(generations, generation_encoders, "
+                                         "message_encoders, text_type, max_depth) takes 5 "
+                                         "arguments");
+        return NULL;
+    }
+    if (check_encoders_once(args[1], 0) < 0 || check_encoders_once(args[2], 1) < 0)
+        return NULL;
+    if (!PyType_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "text_type must be a type");
+        return NULL;
+    }
+    Encoding enc = {{args[1], args[2]}, (PyTypeObject *)args[3], PyLong_AsLong(args[4])};
+    if (enc.max_depth == -1 && PyErr_Occurred())
+        return NULL;
+    if (enc.max_depth < 0 || enc.max_depth > 1000) {
+        PyErr_SetString(PyExc_ValueError, "max_depth must be in 0..1000");
+        return NULL;
+    }
+    PyObject *generations = args[0];
+    if (!PyList_CheckExact(generations) || PyList_GET_SIZE(generations) == 0)
+        Py_RETURN_NONE;
+    Py_ssize_t n = PyList_GET_SIZE(generations);
+    PyObject *payload = PyList_New(n);
+    if (payload == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Outcome outcome;
+        PyObject *item = flatten_one(PyList_GET_ITEM(generations, i), &enc, 0, &outcome);
+        if (item == NULL) {
+            Py_DECREF(payload);
+            if (outcome == FAILED)
+                return NULL;
+            Py_RETURN_NONE;
+        }
+        PyList_SET_ITEM(payload, i, item);
+    }
+    return payload;
+}
+
 PyMethodDef speedups_codec_methods[] = {
     {"plain_tree", (PyCFunction)(void (*)(void))speedups_plain_tree, METH_FASTCALL,
      "plain_tree(value, depth, max_depth, text_type) -> bool: would _codec.py's "
@@ -438,6 +768,9 @@ PyMethodDef speedups_codec_methods[] = {
     {"decode_plain", (PyCFunction)(void (*)(void))speedups_decode_plain, METH_FASTCALL,
      "decode_plain(data, header, unpackb, ext_hook, generation_table, message_table) "
      "-> list | None: header check, unpack and rebuild of a plain encoding in one call."},
+    {"flatten", (PyCFunction)(void (*)(void))speedups_flatten, METH_FASTCALL,
+     "flatten(generations, generation_encoders, message_encoders, text_type, max_depth) "
+     "-> list | None: the payload an update packs (None: the Python encoder decides)."},
     {NULL, NULL, 0, NULL},
 };
 
